@@ -1,0 +1,1 @@
+"""The `snexport` command line: one module per command, thin wrappers over the library."""

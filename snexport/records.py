@@ -1,0 +1,110 @@
+"""Frozen records passed between stages and stored in the build directory.
+
+Standard library only: the plan and manifest code, and tools that only read a build directory, must not pull in
+torch. Every record round-trips through ``to_dict``/``from_dict`` (plain JSON types).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for f in dataclasses.fields(cls):
+            # JSON has no tuples; restore them where the field declares one.
+            if f.name in kwargs and isinstance(kwargs[f.name], list) and "tuple" in str(f.type):
+                kwargs[f.name] = tuple(kwargs[f.name])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class AnchorSpec(_Record):
+    """Architecture of one anchor, read from a meta-device build of the timm model (no weights)."""
+
+    name: str  # what the user typed (alias or timm name); used in stitch ids
+    timm_name: str  # name passed to timm.create_model
+    create_kwargs: dict  # extra timm.create_model kwargs (the demo family sets widths, image size, ...)
+    depth: int
+    width: int  # embed_dim
+    num_heads: int
+    mlp_ratio: float
+    patch_size: int
+    img_size: tuple  # (H, W)
+    in_chans: int
+    num_classes: int
+    num_prefix_tokens: int  # cls (+ register) tokens in front of the patch tokens
+    num_tokens: int  # prefix + patches: the sequence length every block sees
+    embed_params: int  # patch embedding + cls/reg tokens + position embedding
+    block_params: int  # one transformer block (all blocks of a plain ViT are equal)
+    head_params: int  # final norm + fc_norm + classifier
+    gflops: float  # whole anchor, paper convention (see flops.py)
+    params: int  # whole anchor
+    pretrained_tag: str = ""  # timm pretrained tag / weight source note, informational
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.img_size[0], self.img_size[1])
+
+
+@dataclass(frozen=True)
+class Stitch(_Record):
+    """One configuration of the SN-Net: an anchor on its own, or front[0..cut] -> layer -> back[resume..]."""
+
+    id: str  # stable and readable: "deit_s:3>deit_b:4", or the anchor name for an anchor
+    front: str  # anchor name
+    back: str  # anchor name (== front for an anchor)
+    cut: Optional[int]  # j: last front block run (inclusive); None for an anchor
+    resume: Optional[int]  # k: first back block run; None for an anchor
+    layer: Optional[int]  # stitching-layer index within its (front, back) pair; None for an anchor
+    blocks: int  # transformer blocks on the path
+    gflops: float
+    params: int
+
+    @property
+    def is_anchor(self) -> bool:
+        return self.cut is None
+
+
+@dataclass(frozen=True)
+class EvalResult(_Record):
+    stitch_id: str
+    top1: Optional[float]  # percent; None when accuracy is unknown (random-init anchors)
+    gflops: float
+    params: int
+    samples: int  # images evaluated (0 when top1 is None)
+    dataset: str  # e.g. "digits:val" or an ImageFolder path
+    weights_hash: str  # hash of the SN-Net weights that were evaluated; stale lines are redone
+
+
+@dataclass(frozen=True)
+class Artifact(_Record):
+    """One exported, validated file of one stitch (an ONNX model or a TensorRT engine)."""
+
+    stitch_id: str
+    file: str  # relative to the build directory
+    format: str  # "onnx" | "tensorrt"
+    precision: str  # "fp32" | "fp16"
+    size_bytes: int
+    sha256: str
+    input_name: str
+    input_shape: tuple
+    input_dtype: str
+    output_name: str
+    output_shape: tuple
+    opset: Optional[int] = None
+    exporter: str = ""  # e.g. "torch.onnx dynamo 2.15.0" or "torch.onnx torchscript 2.15.0"
+    simplifier: str = ""  # e.g. "onnxsim 0.8.1" or "none"
+    versions: dict = field(default_factory=dict)  # library versions that produced it (tensorrt, GPU name, ...)
+    validation: dict = field(default_factory=dict)  # max_abs, rel_max_abs, cosine, top1_agreement, samples
+    weights_file: str = ""  # shared external-data file (engine packs), relative to the build dir
+    weights_sha256: str = ""
+    source_sha256: str = ""  # the ONNX a TensorRT engine was built from

@@ -1,0 +1,216 @@
+"""The SN-Net: anchors plus stitching layers, routed per configuration, and `materialize` for export.
+
+Anchors stay timm VisionTransformer modules (so fine-tuned anchors save with timm's parameter names); every
+configuration is a `StitchedViT` route over shared submodules. `materialize(id)` deep-copies one route into a
+standalone module with one fixed path: no "current stitch" state exists anywhere, so nothing leaks into export
+(the official SN-Net switches through mutable state).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from snexport.stitching.layers import assign_mean_solution, least_squares_solution, make_stitching_layer, pinv_with_bias
+from snexport.stitching.plan import StitchPlan
+
+
+class ViTEmbedding(nn.Module):
+    """Patch embedding + cls/register tokens + position embedding of a timm VisionTransformer (static size)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.patch_embed = vit.patch_embed
+        self.cls_token = vit.cls_token
+        self.reg_token = vit.reg_token
+        self.pos_embed = vit.pos_embed
+        self.pos_drop = vit.pos_drop
+        self.patch_drop = vit.patch_drop
+        self.norm_pre = vit.norm_pre
+        self.no_embed_class = bool(vit.no_embed_class)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is not None and self.no_embed_class:
+            x = x + self.pos_embed  # DeiT-III style: position embedding only on patch tokens
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        if self.pos_embed is not None and not self.no_embed_class:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+
+class ViTHead(nn.Module):
+    """Final norm, pooling (cls token or mean of patch tokens), fc_norm and classifier."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.norm = vit.norm
+        self.fc_norm = vit.fc_norm
+        self.head_drop = vit.head_drop
+        self.head = vit.head
+        self.global_pool = vit.global_pool
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = x[:, 0]
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+
+class StitchedViT(nn.Module):
+    """One configuration as a plain module: embed → front blocks → stitching layer → back blocks → head.
+
+    An anchor is the degenerate case with no stitching layer and no back blocks.
+    """
+
+    def __init__(self, embed: nn.Module, front_blocks: Iterable[nn.Module], stitch: Optional[nn.Module],
+                 back_blocks: Iterable[nn.Module], head: nn.Module, stitch_id: str = ""):
+        super().__init__()
+        self.embed = embed
+        self.front_blocks = nn.Sequential(*front_blocks)
+        self.stitch = stitch if stitch is not None else nn.Identity()
+        self.back_blocks = nn.Sequential(*back_blocks)
+        self.head = head
+        self.stitch_id = stitch_id
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = self.front_blocks(x)
+        x = self.stitch(x)
+        x = self.back_blocks(x)
+        return self.head(x)
+
+
+def layer_key(front_index: int, back_index: int, layer: int) -> str:
+    # ModuleDict keys cannot contain '.', and timm names may (pretrained tags): use anchor positions.
+    return f"a{front_index}_a{back_index}_l{layer}"
+
+
+class SNNet(nn.Module):
+    """Anchors (ordered small → large, as in the plan) and the stitching layers the plan calls for."""
+
+    def __init__(self, plan: StitchPlan, anchors: list[nn.Module]):
+        super().__init__()
+        if len(anchors) != len(plan.anchors):
+            raise ValueError(f"plan has {len(plan.anchors)} anchors, got {len(anchors)} modules")
+        self.plan = plan
+        self.anchors = nn.ModuleList(anchors)
+        self._index = {a.name: i for i, a in enumerate(plan.anchors)}
+        self.stitch_layers = nn.ModuleDict()
+        for front, back, layer in plan.layer_keys:
+            fa, ba = plan.anchor(front), plan.anchor(back)
+            self.stitch_layers[self._key(front, back, layer)] = make_stitching_layer(fa.width, ba.width)
+        self._rebuild_routes()
+
+    def _rebuild_routes(self) -> None:
+        # Routes share this module's parameters; kept in a plain dict so they are not registered twice. Rebuilt
+        # whenever parameters may have been replaced (load_state_dict(assign=True)), since the embedding holds
+        # the cls/pos Parameter objects themselves.
+        self._routes: dict[str, StitchedViT] = {s.id: self._route(s.id) for s in self.plan.stitches}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._rebuild_routes()
+        return result
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._rebuild_routes()
+        return out
+
+    def _key(self, front: str, back: str, layer: int) -> str:
+        return layer_key(self._index[front], self._index[back], layer)
+
+    def _route(self, stitch_id: str) -> StitchedViT:
+        s = self.plan.get(stitch_id)
+        front = self.anchors[self._index[s.front]]
+        back = self.anchors[self._index[s.back]]
+        if s.is_anchor:
+            return StitchedViT(ViTEmbedding(front), list(front.blocks), None, [], ViTHead(front), s.id)
+        return StitchedViT(
+            ViTEmbedding(front),
+            list(front.blocks)[: s.cut + 1],
+            self.stitch_layers[self._key(s.front, s.back, s.layer)],
+            list(back.blocks)[s.resume:],
+            ViTHead(back),
+            s.id,
+        )
+
+    @property
+    def config_ids(self) -> list[str]:
+        return [s.id for s in self.plan.stitches]
+
+    def forward(self, x: torch.Tensor, stitch_id: str) -> torch.Tensor:
+        if stitch_id not in self._routes:
+            self.plan.get(stitch_id)  # raises UnknownStitchError with the valid ids
+        return self._routes[stitch_id](x)
+
+    def materialize(self, stitch_id: str) -> StitchedViT:
+        """A standalone copy of one configuration, in eval mode, sharing nothing with the SN-Net."""
+        if stitch_id not in self._routes:
+            self.plan.get(stitch_id)
+        return copy.deepcopy(self._routes[stitch_id]).eval()
+
+    # ----------------------------------------------------------------------------- least-squares init
+
+    @torch.no_grad()
+    def init_stitching_layers(self, images: torch.Tensor, batch_size: int = 32,
+                              progress: Optional[Callable[[int, int], None]] = None) -> dict:
+        """Least-squares init of every stitching layer from calibration images (spec: ~100 images).
+
+        X = front output of block j, Y = back output of block k-1 (k = 0: the back anchor's embedding output),
+        flattened over batch and tokens. Anchors run in eval mode. Returns timing facts for the report.
+        """
+        started = time.perf_counter()
+        was_training = self.training
+        self.eval()
+        # Collect per anchor: index 0 = embedding output, index b+1 = output of block b.
+        acts: list[list[torch.Tensor]] = []
+        for vit in self.anchors:
+            embed = ViTEmbedding(vit)
+            chunks: list[list[torch.Tensor]] = [[] for _ in range(len(vit.blocks) + 1)]
+            for start in range(0, images.shape[0], batch_size):
+                x = embed(images[start:start + batch_size])
+                chunks[0].append(x)
+                for b, blk in enumerate(vit.blocks):
+                    x = blk(x)
+                    chunks[b + 1].append(x)
+            acts.append([torch.cat(c) for c in chunks])
+        collect_s = time.perf_counter() - started
+
+        solve_started = time.perf_counter()
+        solutions: dict[str, list] = {}
+        pinv_cache: dict[tuple[int, int], torch.Tensor] = {}
+        stitches = [s for s in self.plan.stitches if not s.is_anchor]
+        for n, s in enumerate(stitches):
+            fi, bi = self._index[s.front], self._index[s.back]
+            if (fi, s.cut) not in pinv_cache:
+                pinv_cache[(fi, s.cut)] = pinv_with_bias(acts[fi][s.cut + 1])
+            y = acts[bi][s.resume]  # output of back block resume-1 (index 0: embedding)
+            solutions.setdefault(self._key(s.front, s.back, s.layer), []).append(
+                least_squares_solution(pinv_cache[(fi, s.cut)], y)
+            )
+            if progress:
+                progress(n + 1, len(stitches))
+        for key, sols in solutions.items():
+            assign_mean_solution(self.stitch_layers[key], sols)
+        self.train(was_training)
+        return {
+            "calibration_images": int(images.shape[0]),
+            "collect_seconds": round(collect_s, 3),
+            "solve_seconds": round(time.perf_counter() - solve_started, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "layers": len(solutions),
+        }
