@@ -8,8 +8,9 @@ from typing import Any
 
 from rich.console import Console
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Without a terminal (pipes, CI logs) Rich assumes 80 columns and squeezes tables; allow wider output there.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 ANCHORS_HELP = ("Comma-separated anchors: timm names or aliases (deit_ti, deit_s, deit_b, deit3_s/b/l, vit_ti/s/b/l); "
                 "'demo' (default) is the bundled tiny family trained on scikit-learn's digits.")

@@ -1,0 +1,50 @@
+"""`snexport build`: anchors → SN-Net → evaluation → Pareto → export → profile → manifest, in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from snexport.cli.common import ANCHORS_HELP, out
+from snexport.cli.cmd_stitch import WEIGHTS_HELP
+
+
+def build_cmd(
+    anchors: Annotated[Optional[str], typer.Option("--anchors", "-a", help=ANCHORS_HELP)] = None,
+    target: Annotated[Optional[str], typer.Option(help="Device profile (jetson-orin, jetson-orin-nx, "
+                                                  "jetson-orin-nano, x86-cpu, cuda-gpu) or a TOML path; default: "
+                                                  "this machine.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Build directory.")] = Path("build"),
+    data: Annotated[Optional[str], typer.Option(help="ImageFolder root (train/, val/); the demo uses digits.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=0, help="Fine-tuning epochs (default: 5 with data, 0 "
+                                                  "without).")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help=WEIGHTS_HELP)] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Random anchor weights (architecture-only: "
+                                              "latency and memory; accuracy unknown).")] = False,
+    stitches: Annotated[str, typer.Option(help="What to export: 'pareto', 'all', or ids.")] = "pareto",
+):
+    """Run every stage in order, skipping those whose inputs are unchanged; end with the selector switching."""
+    from snexport.anchors import parse_weights_option, split_anchor_names
+    from snexport.pipeline import default_target
+    from snexport.report import write_report
+    from snexport.workflow import BuildOptions, run_build, selector_demo
+
+    opts = BuildOptions(out=out_dir, anchors=split_anchor_names(anchors), target=target or default_target(),
+                        weights=parse_weights_option(weights), random_init=random_init, data=data, epochs=epochs,
+                        stitches=stitches)
+    result = run_build(opts, say=out.print)
+    build = result["build"]
+    files = write_report(build, result["manifest"], result.get("device_key"))
+    if result["profiled"]:
+        from snexport.cli.cmd_bench import show_measurements
+
+        out.print(show_measurements(result["bench"], f"Engines on {result['device_key']}"))
+        out.print("Selector (the part an edge app embeds), switching as the latency budget moves:")
+        selector_demo(build, say=out.print)
+    out.print(f"manifest: {build.manifest_path}\nreport: {files['plot']}, {files['summary']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build")(build_cmd)
