@@ -274,7 +274,7 @@ def _go_offline_if_hub_unreachable() -> None:
     """Without a network, use only the local hub cache: the hub client would otherwise retry for ~45 s."""
     import os
 
-    if os.environ.get("HF_HUB_OFFLINE") or _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on") and _hub_reachable():
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:

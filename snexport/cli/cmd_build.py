@@ -18,8 +18,8 @@ def build_cmd(
                                                   "this machine.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Build directory.")] = Path("build"),
     data: Annotated[Optional[str], typer.Option(help="ImageFolder root (train/, val/); the demo uses digits.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=0, help="Fine-tuning epochs (default: 5 with data, 0 "
-                                                  "without).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=0, help="Fine-tuning epochs (default: 30 for the demo, 5 "
+                                                  "with --data, 0 without).")] = None,
     weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help=WEIGHTS_HELP)] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random anchor weights (architecture-only: "
                                               "latency and memory; accuracy unknown).")] = False,
