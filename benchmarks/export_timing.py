@@ -80,8 +80,8 @@ def main() -> None:
               "machine": device_fingerprint(), "load_average": os.getloadavg(), "rows": rows}
     out = HERE / "results" / f"export_timing-{'-'.join(names)}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"settings: {result['settings']}\nmachine: {result['machine'].get('cpu_model')} "
-          f"({result['machine'].get('logical_cores')} logical cores), load average {result['load_average']}\n"
+    print(f"settings: {result['settings']}\nmachine: {result['machine']['cpu'].get('model')} "
+          f"({result['machine']['cpu'].get('logical_cores')} logical cores), load average {result['load_average']}\n"
           f"written: {out}")
 
 
