@@ -107,4 +107,7 @@ class Artifact(_Record):
     validation: dict = field(default_factory=dict)  # max_abs, rel_max_abs, cosine, top1_agreement, samples
     weights_file: str = ""  # shared external-data file (engine packs), relative to the build dir
     weights_sha256: str = ""
-    source_sha256: str = ""  # the ONNX a TensorRT engine was built from
+    source_sha256: str = ""  # the file this one was made from: the FP32 ONNX of an FP16 cast, the ONNX of a
+    # TensorRT engine, the standalone ONNX of a packed one (snexport.export.pack)
+    weights_size_bytes: Optional[int] = None  # size of weights_file (the manifest's weights_size_bytes)
+    weights_used_bytes: Optional[int] = None  # distinct bytes of weights_file this engine references

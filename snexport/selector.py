@@ -17,6 +17,7 @@ changes the engine of a run in flight, and a runner evicted or closed while in u
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
 import math
@@ -97,11 +98,39 @@ class FeedbackConfig:
                              "0 <= hysteresis < 1")
 
 
-def default_runner_factory(entry: Mapping[str, Any], manifest_dir: Path, **options: Any):
-    """Open an engine with snexport's runtime (backend from the suffix); imported here so import stays light."""
+# Runner options for engines of a pack (snexport.export.pack) unless the caller sets them; numbers in
+# docs/packs.md (benchmarks/pack_vs_standalone.py). Portable pack: ONNX Runtime's CPU prepacking would copy every
+# MatMul weight into a private, re-laid-out buffer per session and undo the sharing, so it is off (that costs
+# GEMM speed; a device-optimized pack keeps it). Both: no per-session activation arena, which would otherwise
+# keep each resident session's peak activations allocated (~20 MB per DeiT-B session).
+PACK_RUNNER_DEFAULTS: Mapping[str, Any] = {"disable_prepacking": True, "cpu_mem_arena": False}
+OPTIMIZED_PACK_RUNNER_DEFAULTS: Mapping[str, Any] = {"cpu_mem_arena": False}
+
+
+def default_runner_factory(entry: Mapping[str, Any], manifest_dir: Path,
+                           weights_map: Optional[Callable[[Path], Any]] = None, **options: Any):
+    """Open an engine with snexport's runtime (backend from the suffix); imported here so import stays light.
+
+    An ONNX engine of a portable pack (``weights_file`` set) gets its initializers as views of the pack's weights
+    file, mapped once per file by ``weights_map(path)`` (a ``WeightsFileMap``; the selector passes its own
+    cache), with ``PACK_RUNNER_DEFAULTS`` under the caller's options. Without ``weights_map`` ONNX Runtime reads
+    the weights file itself. An engine of a device-optimized pack (prepacked weights inside, checked against this
+    machine's ONNX Runtime and CPU) is opened plainly: ORT maps the shared file and uses the prepacked blobs.
+    """
     from snexport.runtime import open_runner
 
-    return open_runner(manifest_dir / entry["file"], **options)
+    path = manifest_dir / entry["file"]
+    if entry.get("weights_file") and entry.get("format") == "onnx":
+        from snexport.runtime.onnxruntime_runner import check_ort_pack
+
+        if check_ort_pack(path) is not None:
+            # A pack optimized on this device (export.pack.optimize_pack): ONNX Runtime maps the weights file
+            # itself and takes its prepacked blobs from it, so the pages are shared without handing buffers over.
+            return open_runner(path, **{**OPTIMIZED_PACK_RUNNER_DEFAULTS, **options})
+        if weights_map is not None and "shared_initializers" not in options:
+            mapped = weights_map(manifest_dir / entry["weights_file"])
+            options = {**PACK_RUNNER_DEFAULTS, **options, "shared_initializers": mapped.initializers(path)}
+    return open_runner(path, **options)
 
 
 @dataclasses.dataclass(eq=False)
@@ -125,6 +154,11 @@ class Selector:
     when none is marked. Candidates' files (and shared weights files) are checked against the manifest's sha256 at
     start; a missing or altered file is left out with a ``SelectorWarning``. Other engines are checked when
     ``switch`` first loads them.
+
+    Engine packs (``snexport.export.pack``): engines that name the same ``weights_file`` share it. The selector
+    maps a portable pack's file once and gives every session views of it (``mapped_weights``); ONNX Runtime maps
+    a device-optimized pack itself. ``shared_weights`` says which engines share which file, and
+    ``memory_cost_mb`` counts a shared file once, so the cost of any preload set is known before loading it.
     """
 
     def __init__(
@@ -157,8 +191,12 @@ class Selector:
         self.percentile, self.mode, self.cache_size = percentile, mode, cache_size
         self.verify_hashes = verify_hashes
         self.feedback = feedback
+        # Engine packs: one read-only map per shared weights file, created on first use, dropped on close.
+        self._weights_maps: dict[Path, Any] = {}
+        self._maps_lock = threading.Lock()
         self._factory = runner_factory or (
-            lambda entry, root: default_runner_factory(entry, root, **dict(runner_options or {}))
+            lambda entry, root: default_runner_factory(entry, root, weights_map=self._weights_map,
+                                                       **dict(runner_options or {}))
         )
         self._on_switch = on_switch
         self.device = self._resolve_device(device)
@@ -195,6 +233,7 @@ class Selector:
                           "budget; use mode='on_demand' or fewer candidates")
                 for engine_id in sorted(self._pool, key=lambda i: self._infos[i].latency_ms):
                     self._slots[engine_id] = self._load(self._infos[engine_id])
+                _return_freed_heap()
             first = self.choose(latency_ms, memory_mb)
             self._switch_to(first.id, "initial")
         except BaseException:
@@ -266,18 +305,21 @@ class Selector:
                     f"candidates {', '.join(unprofiled)} are not profiled on device '{self.device}'; "
                     "run `snexport bench` on this device or leave them out"
                 )
-        pool = []
+        pool, problems = [], []
         for engine_id in wanted:
             problem = self._file_problem(engine_id)
             if problem:
+                problems.append(problem)
                 _warn(f"engine {engine_id} left out: {problem}; re-run `snexport build` (or copy the build "
                       "directory to the device again) to restore it")
             else:
                 pool.append(engine_id)
         if not pool:
+            # Engines of one pack fail together when their shared weights file is bad: say which file it was.
+            common = f" ({problems[0]})" if len(set(problems)) == 1 else f" (first: {problems[0]})"
             raise ManifestError(
-                f"every candidate engine in {self.manifest_path} is missing or altered; re-run `snexport build` "
-                "or copy the build directory to the device again"
+                f"every candidate engine in {self.manifest_path} is missing or altered{common}; re-run "
+                "`snexport build` or copy the build directory to the device again"
             )
         return pool
 
@@ -406,6 +448,31 @@ class Selector:
         total += sum(min(pack_size[p], pack_used[p]) for p in pack_size)
         return total
 
+    def shared_weights(self, engines: Optional[Iterable[Union[str, EngineInfo]]] = None) -> dict[str, list[str]]:
+        """Which engines share which weights file (engine packs): manifest path -> engine ids, for ``engines``
+        (default: the candidates). Engines with their weights inside their own file are not listed."""
+        ids = [self._resolve(e).id for e in engines] if engines is not None else list(self._pool)
+        out: dict[str, list[str]] = {}
+        for engine_id in ids:
+            pack = self._entries[engine_id]["weights_file"]
+            if pack:
+                out.setdefault(pack, []).append(engine_id)
+        return out
+
+    def mapped_weights(self) -> dict[Path, Any]:
+        """The weights files mapped so far (absolute path -> ``WeightsFileMap``), each once for all its engines."""
+        with self._maps_lock:
+            return dict(self._weights_maps)
+
+    def _weights_map(self, path: Path) -> Any:
+        from snexport.runtime.onnxruntime_runner import WeightsFileMap
+
+        key = Path(path).resolve()
+        with self._maps_lock:
+            if key not in self._weights_maps:
+                self._weights_maps[key] = WeightsFileMap(key)
+            return self._weights_maps[key]
+
     # -- switching and running -------------------------------------------------------------------------------
 
     def _load(self, info: EngineInfo) -> _Slot:
@@ -435,6 +502,7 @@ class Selector:
             started = time.perf_counter()
             if slot is None:  # load outside the lock: runs on the current engine go on meanwhile
                 slot = self._load(self._infos[engine_id])
+                _return_freed_heap()
             load_ms = (time.perf_counter() - started) * 1000.0
             event, to_close = self._install(slot, reason, observed_ms, load_ms)
             with self._fb_lock:
@@ -598,12 +666,32 @@ class Selector:
             self._slots.clear()
         for slot in idle:
             slot.runner.close()
+        with self._maps_lock:
+            # Runners still in a run keep their views, and through them the map, alive until they finish.
+            self._weights_maps.clear()
 
     def __enter__(self) -> "Selector":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _return_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS after loading engines (glibc ``malloc_trim``; best effort).
+
+    Creating an ONNX Runtime session allocates and frees large temporaries (graph copies; for a device-optimized
+    pack, the prepacked weights it checks against the pack's copies). glibc keeps such freed pages resident, by
+    chance more or less of them: 49 to 158 MB across identical preloads of 8 DeiT-S/B engines (docs/packs.md),
+    about 1 ms to release. Elsewhere (macOS, musl) there is no such call and nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _within(value: Optional[float], limit: Optional[float]) -> bool:

@@ -48,8 +48,9 @@ class OnnxRuntimeRunner:
     ``allow_spinning=False`` stops idle worker threads from busy-waiting, so co-located work (the selector, the
     camera pipeline) does not distort the measurement or get starved by it.
 
-    ``shared_initializers`` maps initializer names to caller-owned numpy arrays (e.g. views into one memmapped
-    weights file). With ``disable_prepacking=True`` the session computes directly from those buffers, so several
+    ``cpu_mem_arena=False`` frees activations after every run instead of keeping a per-session arena at its
+    peak (see docs/packs.md for its measured cost). ``shared_initializers`` maps initializer names to
+    caller-owned numpy arrays (e.g. views into one memmapped weights file). With ``disable_prepacking=True`` the session computes directly from those buffers, so several
     sessions share one copy of the anchors' weights; with prepacking on, ORT makes private packed copies of
     MatMul weights and the sharing only covers the other tensors.
     """
@@ -64,6 +65,7 @@ class OnnxRuntimeRunner:
         inter_op_threads: int = 1,
         allow_spinning: bool = False,
         disable_prepacking: bool = False,
+        cpu_mem_arena: bool = True,
         graph_optimization_level: str = "all",
         providers: Optional[Sequence[str]] = None,
         shared_initializers: Optional[Mapping[str, Any]] = None,
@@ -73,6 +75,7 @@ class OnnxRuntimeRunner:
         self.inter_op_threads = int(inter_op_threads)
         self.allow_spinning = bool(allow_spinning)
         self.disable_prepacking = bool(disable_prepacking)
+        self.cpu_mem_arena = bool(cpu_mem_arena)
         if graph_optimization_level not in _OPT_LEVELS:
             raise ProfileError(
                 f"unknown graph_optimization_level '{graph_optimization_level}'; use one of {', '.join(_OPT_LEVELS)}"
@@ -121,6 +124,9 @@ class OnnxRuntimeRunner:
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if self.disable_prepacking:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        # Off: activations are allocated per run and freed after it instead of each session keeping an arena at
+        # its peak, so many resident sessions cost little more than their weights (engine packs, docs/packs.md).
+        options.enable_cpu_mem_arena = self.cpu_mem_arena
 
         keepalive = []
         if self.shared_initializers:
@@ -177,6 +183,7 @@ class OnnxRuntimeRunner:
             "inter_op_num_threads": self.inter_op_threads,
             "allow_spinning": self.allow_spinning,
             "disable_prepacking": self.disable_prepacking,
+            "cpu_mem_arena": self.cpu_mem_arena,
             "graph_optimization_level": self.graph_optimization_level,
             "providers": list(self.providers),
             "shared_initializers": sorted(self.shared_initializers),
@@ -211,3 +218,152 @@ class OnnxRuntimeRunner:
                 )
             if not array.flags["C_CONTIGUOUS"]:
                 raise WeightsError(f"shared initializer '{name}' is not C-contiguous; pass np.ascontiguousarray(...)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engine packs: one weights file, mapped once, shared by every session (snexport.export.pack writes them)
+
+
+def external_initializers(path: str | os.PathLike) -> dict[str, dict]:
+    """External-data initializers of one ONNX file: name -> {location, offset, length, dtype, shape}.
+
+    Reads the graph only, not the weights. ``location`` is resolved against the ONNX file's directory (as ONNX
+    Runtime resolves it); ``dtype`` is a numpy dtype name, or the ONNX type number where numpy has none.
+    """
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        if "location" not in info:
+            raise WeightsError(f"initializer '{tensor.name}' of {path.name} has external data without a location")
+        out[tensor.name] = {
+            "location": (path.parent / info["location"]).resolve(),
+            "offset": int(info.get("offset", 0)),
+            "length": int(info["length"]) if "length" in info else None,
+            "dtype": _ONNX_DTYPES.get(tensor.data_type, str(tensor.data_type)),
+            "shape": tuple(int(d) for d in tensor.dims),
+        }
+    return out
+
+
+class WeightsFileMap:
+    """One read-only memory map of a pack's weights file, and numpy views into it for each engine.
+
+    Every engine of a pack gets its initializers as views of this one map, handed to its session through
+    ``OnnxRuntimeRunner(shared_initializers=...)``: the bytes are the kernel's page cache, resident once however
+    many sessions use them. Read-only (``mode="r"``): neither this process nor a runtime bug can change the file
+    or make the sessions diverge. The map stays alive as long as any view does (the runners keep theirs), so
+    ``close`` only drops this object's reference.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        self._array = None
+
+    @property
+    def array(self):
+        """The whole file as a read-only uint8 numpy memmap (mapped on first use)."""
+        if self._array is None:
+            import numpy as np
+
+            if not self.path.is_file():
+                raise WeightsError(f"weights file {self.path} is missing; copy the whole pack directory")
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._array
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def initializers(self, onnx_path: str | os.PathLike) -> dict:
+        """Views of this file for every external initializer of ``onnx_path`` (all must live in this file)."""
+        import numpy as np
+
+        onnx_path = Path(onnx_path)
+        data = self.array
+        views = {}
+        for name, info in external_initializers(onnx_path).items():
+            if info["location"] != self.path:
+                raise WeightsError(
+                    f"{onnx_path.name} reads '{name}' from {info['location']}, not from the pack's weights file "
+                    f"{self.path}; the engine and the manifest belong to different packs: re-run the pack"
+                )
+            dtype = np.dtype(info["dtype"]) if info["dtype"] in _ONNX_DTYPES.values() else None
+            if dtype is None:
+                raise WeightsError(f"initializer '{name}' of {onnx_path.name} has ONNX type {info['dtype']}, which "
+                                   "numpy cannot view; pack it with a float32/float16 export")
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            length, offset = count * dtype.itemsize, info["offset"]
+            if info["length"] is not None and info["length"] != length:
+                raise WeightsError(f"initializer '{name}' of {onnx_path.name} declares {info['length']} bytes but "
+                                   f"its shape and dtype need {length}; the file is corrupt, re-run the pack")
+            if offset + length > data.size:
+                raise WeightsError(f"initializer '{name}' of {onnx_path.name} lies past the end of {self.path.name} "
+                                   f"({offset}+{length} > {data.size} bytes): truncated or mismatched weights file")
+            if offset % dtype.itemsize:
+                raise WeightsError(f"initializer '{name}' of {onnx_path.name} is at offset {offset}, not aligned to "
+                                   f"its {dtype.itemsize}-byte elements; re-run the pack")
+            views[name] = data[offset:offset + length].view(dtype).reshape(info["shape"])
+        return views
+
+    def close(self) -> None:
+        self._array = None
+
+
+# CPU features that select ONNX Runtime's (MLAS) kernels and with them the layout of prepacked weights.
+_ISA_FLAGS = frozenset({
+    "sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "avxvnni", "amx_tile", "amx_bf16", "amx_int8",  # x86 (/proc/cpuinfo flags)
+    "asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2", "i8mm", "bf16", "sme",  # arm64 (Features)
+})
+ORT_PACK_METADATA = "snexport.ort_pack"  # metadata_props key of an ONNX Runtime-optimized pack file
+
+
+def ort_pack_identity() -> dict:
+    """What an ONNX Runtime-optimized file with serialized prepacked weights is tied to on this machine.
+
+    ORT writes prepacked blobs in the layout of the kernels it picked for this CPU (MLAS chooses by instruction
+    set) and its own version; the blobs are keyed by their content only, so a file used elsewhere would be read
+    as-is and compute garbage. Hence the version, the architecture and the kernel-relevant CPU flags.
+    """
+    import platform
+
+    import onnxruntime as ort
+
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags.update(value.split())
+                break
+    except OSError:
+        pass
+    return {"onnxruntime": ort.__version__, "arch": platform.machine(), "isa": sorted(flags & _ISA_FLAGS)}
+
+
+def check_ort_pack(path: str | os.PathLike) -> Optional[dict]:
+    """Refuse an ONNX Runtime-optimized pack file made for another ORT version or CPU; None for other files."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if ORT_PACK_METADATA not in meta:
+        return None
+    made_for = json.loads(meta[ORT_PACK_METADATA])
+    here = ort_pack_identity()
+    if made_for != here:
+        raise BackendUnavailableError(
+            f"{Path(path).name} was optimized for {made_for} but this machine is {here}; its prepacked weights "
+            "are only valid there: re-run optimize_pack on this device"
+        )
+    return made_for
