@@ -56,7 +56,8 @@ def measurement_for_manifest(stats: dict, switch: Optional[dict]) -> dict:
 def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int = 20) -> dict:
     from snexport.manifest import device_key as make_device_key
     from snexport.pareto import select_candidates
-    from snexport.pipeline import deployable, engines_stage, runtime_available, write_manifest_for
+    from snexport.selection import memory_for_pareto
+    from snexport.pipeline import deployable, engines_stage, prepare_pack, runtime_available, write_manifest_for
     from snexport.profiling import device_fingerprint, measure_switch, measurement_record, profile_engine
     from snexport.progress import progress_task
 
@@ -66,6 +67,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
                                       "target device (the ONNX files are ready)")
     if profile.backend == "tensorrt":
         engines_stage(build, profile, show_progress)
+    prepare_pack(build, profile, show_progress)
     arts = deployable(build, profile)
     if not arts:
         raise BackendUnavailableError(f"{build.root} has no valid engine files for {profile.name}; run "
@@ -76,6 +78,11 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     settings = {"profile": profile.name, "backend": profile.backend, "precision": profile.precision,
                 "threads": profile.threads, "measurement": profile.measurement.to_dict()}
 
+    # One throwaway load first: the runtime's once-per-process setup (thread pools, allocators) must not be
+    # billed to whichever engine happens to be measured first.
+    warm = _runner_factory(build, arts[0], profile, net)()
+    warm.load()
+    warm.close()
     stats: dict[str, dict] = {}
     with progress_task(f"profiling {len(arts)} engines ({profile.name})", len(arts), show_progress) as advance:
         for a in arts:
@@ -114,7 +121,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
         top1 = evals[a.stitch_id].top1 if a.stitch_id in evals else None
         lat = stats[a.stitch_id]["latency"]
         rows.append({"id": a.stitch_id, "top1": top1, "latency_p50_ms": lat["p50_ms"],
-                     "memory_mb": (stats[a.stitch_id]["memory"].get("rss_load_delta_bytes") or 0) / 1e6})
+                     "memory_mb": memory_for_pareto(stats[a.stitch_id]["memory"].get("rss_load_delta_bytes"))})
     chosen = select_candidates(rows, by=["latency_p50_ms", "memory_mb"], accuracy_key="top1")
     pareto = {c["record"]["id"] for c in chosen}
     if not all(r["top1"] is not None for r in rows):

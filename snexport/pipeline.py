@@ -88,7 +88,12 @@ def resolve_stitches(build, choice: str | None) -> list:
 
 
 def export_stage(build, stitches: str | None = "pareto", *, opset: int = 18, simplifier: str = "onnxsim",
-                 batch: int = 1, exporter: str = "auto", fp16: bool = False, show_progress: bool = True) -> list[Artifact]:
+                 batch: int = 1, exporter: str = "auto", fp16: bool = False, pack: bool = False,
+                 show_progress: bool = True) -> list[Artifact]:
+    """Standalone validated ONNX per stitch; with `pack`, also the portable shared-weight pack of them.
+
+    Returns the standalone artifacts (exports.json); the pack's are in engines/pack/pack.json.
+    """
     from snexport.export.stage import export_stitches
     from snexport.progress import progress_task
 
@@ -97,9 +102,22 @@ def export_stage(build, stitches: str | None = "pareto", *, opset: int = 18, sim
     spec0 = build.load_plan().anchors[0]
     formats = ("onnx", "onnx-fp16") if fp16 else ("onnx",)
     with progress_task("exporting ONNX", len(chosen), show_progress) as advance:
-        return export_stitches(build.root, chosen, net.materialize, spec0.input_shape, validation_images(build),
+        arts = export_stitches(build.root, chosen, net.materialize, spec0.input_shape, validation_images(build),
                                opset=opset, simplifier=simplifier, batch=batch, exporter=exporter, formats=formats,
                                progress=advance, weights_hash=build.weights_hash())
+    if pack:
+        from snexport.export.pack import pack_stitches
+
+        with progress_task("packing shared weights", len(arts), show_progress) as advance:
+            pack_stitches(build.root, arts, progress=advance)
+    return arts
+
+
+def packed_artifacts(build, pack_dir: str) -> list[Artifact]:
+    from snexport.export.pack import read_pack_index
+
+    doc = read_pack_index(build.root, pack_dir) or {}
+    return [Artifact.from_dict(d) for d in doc.get("artifacts", [])]
 
 
 def read_exports(build) -> list[Artifact]:
@@ -188,13 +206,41 @@ def deployable(build, profile) -> list[Artifact]:
             return verified(build, [a for a in arts if a.precision == profile.precision])
         return verified(build, [a for a in read_exports(build) if a.precision == "fp32"])
     want = profile.precision if profile.backend == "onnxruntime" else "fp32"
+    if profile.backend == "onnxruntime":
+        from snexport.export.pack import ORT_PACK_DIR, PACK_DIR
+
+        # A portable pack from the host becomes a device-optimized pack here (bench calls prepare_pack first):
+        # prepacked weights shared by all sessions, ~1 copy of the distinct weights (docs/packs.md).
+        # A pack counts only while it was made from the current exports (a re-export without --pack leaves an
+        # older pack behind): portable pack <- exports.json, device-optimized pack <- portable pack.
+        exports = {a.sha256 for a in read_exports(build) if a.precision == want}
+        portable = [a for a in packed_artifacts(build, PACK_DIR) if a.precision == want and a.source_sha256 in exports]
+        optimized = [a for a in packed_artifacts(build, ORT_PACK_DIR)
+                     if a.source_sha256 in {p.sha256 for p in portable}]
+        for packed in (optimized, portable):
+            if packed and len(packed) == len(portable):
+                return verified(build, packed)
     return verified(build, [a for a in read_exports(build) if a.precision == want and a.format == "onnx"])
+
+
+def prepare_pack(build, profile, show_progress: bool = True) -> list[Artifact]:
+    """The device step for ONNX Runtime packs: optimize the portable pack for this CPU and ORT version."""
+    from snexport.export.pack import PACK_DIR, optimize_pack
+    from snexport.progress import progress_task
+
+    portable = verified(build, packed_artifacts(build, PACK_DIR))
+    if profile.backend != "onnxruntime" or not portable:
+        return []
+    with progress_task("optimizing the weight pack for this device", len(portable), show_progress) as advance:
+        return optimize_pack(build.root, portable, progress=advance)
 
 
 # ------------------------------------------------------------------------------------------------ manifest
 
 
 def engine_entry(build, art: Artifact, plan, evals) -> dict:
+    from snexport.export.pack import manifest_fields
+
     s = plan.get(art.stitch_id)
     ev = evals.get(s.id)
     known = ev is not None and ev.top1 is not None and ev.samples > 0
@@ -213,8 +259,7 @@ def engine_entry(build, art: Artifact, plan, evals) -> dict:
         else {"top1": None, "source": "unknown"},
         "gflops": s.gflops,
         "params": s.params,
-        "weights_file": art.weights_file or None,
-        "weights_sha256": art.weights_sha256 or None,
+        **manifest_fields(art),
         "versions": dict(art.versions),
         "measurements": {},
     }

@@ -13,6 +13,16 @@ from snexport.errors import BuildDirError, SnexportError
 from snexport.hashing import atomic_write_json
 
 
+# Memory enters Pareto tests at 5 MB resolution: RSS deltas carry a few MB of allocator noise, which would
+# otherwise keep slower, less accurate engines on the front (tiny engines all round to 0).
+MEMORY_RESOLUTION_MB = 5.0
+
+
+def memory_for_pareto(rss_delta_bytes) -> float:
+    mb = max((rss_delta_bytes or 0) / 1e6, 0.0)
+    return MEMORY_RESOLUTION_MB * round(mb / MEMORY_RESOLUTION_MB)
+
+
 def parse_stitch_choice(choice: str | None) -> tuple[str, list[str]]:
     """'pareto' | 'all' | 'ID,ID' -> (mode, ids)."""
     choice = (choice or "pareto").strip()
@@ -60,7 +70,7 @@ def select_stage(build, by: str = "gflops", stitches: str | None = "pareto", dev
         if by == "latency":
             stats = profile[s.id]["stats"]
             rec["latency_p50_ms"] = stats["latency"]["p50_ms"]
-            rec["memory_mb"] = (stats["memory"].get("rss_load_delta_bytes") or 0) / 1e6
+            rec["memory_mb"] = memory_for_pareto(stats["memory"].get("rss_load_delta_bytes"))
         records.append(rec)
     if not records:
         raise BuildDirError(f"{build.root} has no evaluated configurations; run `snexport evaluate {build.root}`")

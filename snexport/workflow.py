@@ -29,6 +29,7 @@ class BuildOptions:
     stitches: str = "pareto"
     calib_images: int = 100
     fp16: Optional[bool] = None  # None: as the target profile says
+    pack: Optional[bool] = None  # None: a shared-weight pack for ONNX Runtime targets
 
 
 def run_build(opts: BuildOptions, say: Callable[[str], None] = print, show_progress: bool = True) -> dict:
@@ -81,9 +82,11 @@ def run_build(opts: BuildOptions, say: Callable[[str], None] = print, show_progr
         f"({'Pareto by FLOPs' if cand['mode'] == 'pareto' else cand['mode']})")
 
     fp16 = opts.fp16 if opts.fp16 is not None else profile.precision == "fp16"
-    arts = export_stage(build, opts.stitches if cand["mode"] != "pareto" else "pareto", fp16=fp16,
+    pack = profile.backend == "onnxruntime" if opts.pack is None else opts.pack
+    arts = export_stage(build, opts.stitches if cand["mode"] != "pareto" else "pareto", fp16=fp16, pack=pack,
                         show_progress=show_progress)
-    say(f"[5/6] export: {len(arts)} validated ONNX files in {build.engines_dir}")
+    say(f"[5/6] export: {len(arts)} validated ONNX files in {build.engines_dir}"
+        + (" + a shared-weight pack (engines/pack)" if pack else ""))
 
     ok, why = runtime_available(profile.backend)
     result = {"build": build, "profile": profile, "profiled": ok, "candidates": cand}
@@ -115,8 +118,8 @@ def selector_demo(build, budgets: Optional[list[float]] = None, say: Callable[[s
         if not lat:
             return []
         if budgets is None:
-            # A tight budget just above the fastest engine, and a loose one that admits the slowest.
-            budgets = [round(lat[0] * 1.05, 4), round(lat[-1] * 1.05, 4)]
+            # Tight (just above the fastest engine), middle, and loose (admits the slowest): the app's budget moves.
+            budgets = [round(lat[0] * 1.05, 4), round(lat[len(lat) // 2] * 1.02, 4), round(lat[-1] * 1.05, 4)]
         shown = []
         for budget in budgets:
             info = sel.choose(latency_ms=budget)

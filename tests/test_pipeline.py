@@ -67,6 +67,10 @@ def test_build_runs_every_stage_and_writes_a_valid_manifest(built):
         assert m["load_ms"]["cold"] > 0 and e["accuracy"]["source"]["dataset"] == "digits:val"
         assert (build.root / e["file"]).is_file()
     assert any(e["measurements"][key]["pareto"] for e in manifest["engines"])
+    # ONNX Runtime target: engines come from the device-optimized shared-weight pack, one weights file for all.
+    assert {e["weights_file"] for e in manifest["engines"]} == {manifest["engines"][0]["weights_file"]}
+    assert manifest["engines"][0]["weights_file"].startswith("engines/pack-ort/")
+    assert all(e["weights_used_bytes"] <= e["weights_size_bytes"] for e in manifest["engines"])
     assert manifest["devices"][key]["settings"]["measurement"]["iterations"] == 20
 
 
@@ -84,8 +88,8 @@ def test_selector_follows_the_budget(built):
     from snexport.workflow import selector_demo
 
     shown = selector_demo(built["build"], say=lambda *_: None)
-    assert len(shown) == 2
-    tight, loose = shown
+    assert len(shown) == 3
+    tight, _, loose = shown
     assert tight["p90_ms"] <= tight["budget_ms"] and loose["p90_ms"] <= loose["budget_ms"]
     with Selector(built["build"].manifest_path) as sel:
         best = max((e for e in sel.engines if e.latency_ms <= loose["budget_ms"]), key=lambda e: e.top1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,6 +23,8 @@ def export_cmd(
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write FP16 ONNX (LayerNorm/Softmax in FP32), "
                                        "validated on CPU.")] = False,
     target: Annotated[str, typer.Option(help="Device profile for --format tensorrt (precision, workspace).")] = "cuda-gpu",
+    pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Also write a shared-weight pack: every "
+                                                 "distinct tensor stored once (default for ONNX Runtime).")] = None,
 ):
     """Export, simplify and validate each stitch against PyTorch; record every file in exports.json."""
     from snexport.builddir import BuildDir
@@ -39,7 +41,9 @@ def export_cmd(
 
         profile = load_profile(target)
         fp16 = fp16 or profile.precision == "fp16"
-    arts = export_stage(build, stitches, opset=opset, simplifier=simplifier, batch=batch, exporter=exporter, fp16=fp16)
+    pack = (fmt == "onnx") if pack is None else pack
+    arts = export_stage(build, stitches, opset=opset, simplifier=simplifier, batch=batch, exporter=exporter, fp16=fp16,
+                        pack=pack)
     from rich.table import Table
 
     t = Table(title=f"{len(arts)} ONNX files in {build.engines_dir}")
@@ -56,6 +60,11 @@ def export_cmd(
         engines = engines_stage(build, profile)
         out.print(f"{len(engines)} TensorRT engines built ({profile.precision}) in {build.engines_dir}")
     else:
+        if pack:
+            from snexport.export.pack import read_pack_index
+
+            for precision, w in (read_pack_index(build.root) or {}).get("weights", {}).items():
+                out.print(f"pack ({precision}): {w}")
         err.print("next: `snexport bench " + str(build.root) + "` profiles them on this machine")
 
 
