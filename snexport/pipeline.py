@@ -66,7 +66,7 @@ def validation_images(build, count: int = 16):
     spec0 = build.load_plan().anchors[0]
     splits = open_data(data, spec0.input_shape, spec0.num_classes, batch_size=count)
     x, _ = next(iter(splits.val))
-    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    return np.ascontiguousarray(x[:count].numpy(), dtype=np.float32)
 
 
 def resolve_stitches(build, choice: str | None) -> list:
