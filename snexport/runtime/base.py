@@ -28,3 +28,14 @@ class Runner(Protocol):
     def run(self, x: Any) -> Any: ...
 
     def close(self) -> None: ...
+
+
+class RunnerContext:
+    """`with runner:` loads on entry and closes on exit; every backend's runner inherits this."""
+
+    def __enter__(self):
+        self.load()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

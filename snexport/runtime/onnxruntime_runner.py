@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from snexport.errors import BackendUnavailableError, BuildDirError, ProfileError, WeightsError
+from snexport.runtime.base import RunnerContext
 
 _PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -40,7 +41,7 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(RunnerContext):
     """Runs one ``.onnx`` file in an ``onnxruntime.InferenceSession``.
 
     ``threads`` sets ``intra_op_num_threads`` explicitly (default: the CPUs this process may use) because ORT's
@@ -164,13 +165,6 @@ class OnnxRuntimeRunner:
     def close(self) -> None:
         self.session = None
         self._keepalive = []
-
-    def __enter__(self) -> "OnnxRuntimeRunner":
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     # -- details --------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from snexport.errors import BackendUnavailableError, BuildDirError
+from snexport.runtime.base import RunnerContext
 
 
 def check_engine_version(expected: Optional[str], installed: str, engine_name: str = "engine") -> None:
@@ -64,7 +65,7 @@ def _torch_dtype(trt, torch, trt_dtype):
     )
 
 
-class TensorRTRunner:
+class TensorRTRunner(RunnerContext):
     """Runs one serialized TensorRT engine (``.engine`` / ``.plan``) on one CUDA device.
 
     ``expected_trt_version`` (from the manifest) is checked before the plan is deserialized, so a stale engine
@@ -173,13 +174,6 @@ class TensorRTRunner:
         self._engine = None
         self._runtime = None
         self._stream = None
-
-    def __enter__(self) -> "TensorRTRunner":
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     @property
     def settings(self) -> dict:

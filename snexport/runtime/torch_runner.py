@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from snexport.errors import BackendUnavailableError
+from snexport.runtime.base import RunnerContext
 
 
-class TorchRunner:
+class TorchRunner(RunnerContext):
     """``TorchRunner(module, input_shape, device="cpu"|"cuda", cuda_graphs=False)``.
 
     ``input_shape`` is the full input shape including the batch dimension, e.g. ``(1, 3, 224, 224)``.
@@ -99,13 +100,6 @@ class TorchRunner:
     def close(self) -> None:
         self._graph = self._static_in = self._static_out = None
         self._loaded = False
-
-    def __enter__(self) -> "TorchRunner":
-        self.load()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     @property
     def settings(self) -> dict:
