@@ -194,9 +194,11 @@ class Selector:
         # Engine packs: one read-only map per shared weights file, created on first use, dropped on close.
         self._weights_maps: dict[Path, Any] = {}
         self._maps_lock = threading.Lock()
+        # Engines run as they were measured: the device's recorded thread count unless the caller overrides it.
         self._factory = runner_factory or (
             lambda entry, root: default_runner_factory(entry, root, weights_map=self._weights_map,
-                                                       **dict(runner_options or {}))
+                                                       **{**self._measured_runner_options(),
+                                                          **dict(runner_options or {})})
         )
         self._on_switch = on_switch
         self.device = self._resolve_device(device)
@@ -241,6 +243,11 @@ class Selector:
             raise
 
     # -- manifest -> engines ---------------------------------------------------------------------------------
+
+    def _measured_runner_options(self) -> dict:
+        settings = (self.manifest.get("devices", {}).get(self.device, {}) or {}).get("settings", {}) or {}
+        threads = settings.get("threads")
+        return {"threads": threads} if settings.get("backend") == "onnxruntime" and threads else {}
 
     def _resolve_device(self, device: Optional[str]) -> str:
         devices = self.manifest["devices"]

@@ -185,3 +185,13 @@ def test_cli_select_by_latency_and_budget(built):
     proc = subprocess.run([sys.executable, "-m", "snexport.cli.app", "select", root, "--latency-ms", "0.000001",
                            "--strict"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and "budget" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def test_selector_runs_engines_with_the_measured_thread_count(built):
+    from snexport.selector import Selector
+
+    with Selector(built["build"].manifest_path, mode="on_demand", cache_size=1) as sel:
+        assert sel._measured_runner_options() == {"threads": 1}  # the quick profile measured with 1 thread
+        sel.switch(sel.choose(latency_ms=1e9))
+        slot = next(iter(sel._slots.values()))
+        assert slot.runner.settings["intra_op_num_threads"] == 1
