@@ -147,34 +147,15 @@ def prepare(family: str, build_root: Path, choice: Optional[str], log) -> dict:
 
 def write_manifest_for(build_root: Path, plan, arts, name: str, alone: dict, fingerprint: dict) -> Path:
     """A manifest with the per-engine numbers measured alone (latency, memory), as `snexport bench` writes."""
-    from snexport.export.pack import manifest_fields
+    from snexport.bench import measurement_for_manifest
     from snexport.manifest import write_manifest
+    from snexport.pipeline import engine_entry
 
     engines = []
     for a in arts:
-        s, m = plan.get(a.stitch_id), alone[a.stitch_id]
-        lat = m["latency"]
-        engines.append({
-            "stitch_id": a.stitch_id,
-            "route": {"front": s.front, "back": s.back, "cut": s.cut, "resume": s.resume, "layer": s.layer,
-                      "blocks": s.blocks},
-            "format": "onnx", "precision": a.precision,
-            "input": {"name": a.input_name, "shape": list(a.input_shape), "dtype": a.input_dtype},
-            "output": {"name": a.output_name, "shape": list(a.output_shape)},
-            "accuracy": {"top1": None, "source": "unknown"},
-            "gflops": s.gflops, "params": s.params,
-            **manifest_fields(a),
-            "measurements": {DEVICE: {
-                "latency_ms": {"mean": lat["mean_ms"], "std": lat["std_ms"], "min": lat["min_ms"],
-                               "p50": lat["p50_ms"], "p90": lat["p90_ms"], "p99": lat["p99_ms"],
-                               "max": lat["max_ms"], "iterations": lat["iterations"]},
-                "throughput_ips": lat.get("throughput_per_s"),
-                "memory": {"rss_load_delta_mb": m["memory"]["rss_load_delta_bytes"] / 1e6,
-                           "rss_peak_mb": (m["memory"]["rss_peak_during_runs_bytes"] or 0) / 1e6,
-                           "file_mb": (m["file_size_bytes"] or 0) / 1e6, "device_delta_mb": None},
-                "load_ms": {"cold": m["load"]["cold_load_ms"], "switch_p50": None, "switch_p99": None},
-                "pareto": True}},
-        })
+        entry = engine_entry(a, plan, {})
+        entry["measurements"] = {DEVICE: dict(measurement_for_manifest(alone[a.stitch_id], None), pareto=True)}
+        engines.append(entry)
     anchors = [{"name": x.name, "timm_name": x.timm_name, "depth": x.depth, "width": x.width, "gflops": x.gflops,
                 "params": x.params} for x in plan.anchors]
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -514,7 +495,7 @@ def print_report(doc: dict) -> None:
         lambda v: f"{v['p50_ms']:.3f}/{v['p99_ms']:.3f}")
     row("1st run after switch −steady p50/p99", [res[n]["first_run_overhead_ms"] for n in names],
         lambda v: f"{v['p50']:.1f}/{v['p99']:.1f}")
-    print(f"\nlatency p50 (ms), interleaved in one process; ratio to standalone")
+    print("\nlatency p50 (ms), interleaved in one process; ratio to standalone")
     lat_names = list(lat)
     print(f"{'stitch':22}" + "".join(f"{n:>21}" for n in lat_names))
     for sid in doc["stitches"]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Optional
 
 from snexport.errors import BackendUnavailableError, BuildDirError
@@ -238,7 +237,8 @@ def prepare_pack(build, profile, show_progress: bool = True) -> list[Artifact]:
 # ------------------------------------------------------------------------------------------------ manifest
 
 
-def engine_entry(build, art: Artifact, plan, evals) -> dict:
+def engine_entry(art: Artifact, plan, evals) -> dict:
+    """The manifest entry of one deployed file, not yet measured on any device."""
     from snexport.export.pack import manifest_fields
 
     s = plan.get(art.stitch_id)
@@ -287,7 +287,7 @@ def write_manifest_for(build, artifacts: list[Artifact], profile_name: str, meas
             log.warning("replacing unreadable manifest: %s", exc)
     entries = []
     for art in artifacts:
-        entry = engine_entry(build, art, plan, evals)
+        entry = engine_entry(art, plan, evals)
         if art.stitch_id in old and old[art.stitch_id]["sha256"] == art.sha256:
             entry["measurements"] = old[art.stitch_id].get("measurements", {})
         entries.append(entry)

@@ -22,7 +22,6 @@ from snexport.export.pack import (
     DEFAULT_MIN_BYTES,
     SMALL_ALIGN,
     PackError,
-    manifest_fields,
     pack_stitches,
     read_pack_index,
     tensor_layout,
@@ -241,28 +240,21 @@ def test_a_packed_file_that_disagrees_is_not_committed(build, tmp_path, monkeypa
 
 def manifest_for(root: Path, plan, arts, name: str, memory=None) -> Path:
     """A manifest listing ``arts``, with measurements set by the test (choose() is a pure function of them)."""
+    from snexport.pipeline import engine_entry
+
     engines = []
     for i, a in enumerate(arts):
         s = plan.get(a.stitch_id)
         mem = memory[a.stitch_id] if memory else 5.0
         p90 = 1.0 + s.gflops * 1000
-        engines.append({
-            "stitch_id": a.stitch_id,
-            "route": {"front": s.front, "back": s.back, "cut": s.cut, "resume": s.resume, "layer": s.layer,
-                      "blocks": s.blocks},
-            "format": "onnx", "precision": a.precision,
-            "input": {"name": a.input_name, "shape": list(a.input_shape), "dtype": a.input_dtype},
-            "output": {"name": a.output_name, "shape": list(a.output_shape)},
-            "accuracy": {"top1": None, "source": "unknown"},
-            "gflops": s.gflops, "params": s.params,
-            **manifest_fields(a),
-            "measurements": {DEVICE: {
-                "latency_ms": {"mean": p90, "std": 0.0, "min": p90, "p50": p90, "p90": p90, "p99": p90,
-                               "max": p90, "iterations": 10},
-                "throughput_ips": None,
-                "memory": {"rss_load_delta_mb": mem, "rss_peak_mb": 100.0, "file_mb": 1.0, "device_delta_mb": None},
-                "load_ms": {"cold": 1.0, "switch_p50": None, "switch_p99": None}, "pareto": True}},
-        })
+        entry = engine_entry(a, plan, {})
+        entry["measurements"] = {DEVICE: {
+            "latency_ms": {"mean": p90, "std": 0.0, "min": p90, "p50": p90, "p90": p90, "p99": p90,
+                           "max": p90, "iterations": 10},
+            "throughput_ips": None,
+            "memory": {"rss_load_delta_mb": mem, "rss_peak_mb": 100.0, "file_mb": 1.0, "device_delta_mb": None},
+            "load_ms": {"cold": 1.0, "switch_p50": None, "switch_p99": None}, "pareto": True}}
+        engines.append(entry)
     data = {
         "schema_version": 1,
         "build": {"anchors": [{"name": a.name, "timm_name": a.timm_name, "depth": a.depth, "width": a.width,

@@ -135,7 +135,8 @@ def test_shared_initializer_is_one_buffer_for_many_sessions(vit, vit_onnx, x, tm
     shared = np.load(tmp_path / "head.npy", mmap_mode="r+")  # the memmapped-weights use case
     a = open_runner(vit_onnx, shared_initializers={"head.weight": shared}, disable_prepacking=True)
     b = open_runner(vit_onnx, shared_initializers={"head.weight": shared}, disable_prepacking=True)
-    before_a, before_b = a.run(x), b.run(x)
+    before_a = a.run(x)
+    b.run(x)
     np.testing.assert_allclose(before_a, _reference(vit, x), rtol=1e-4, atol=1e-5)
     shared[:] = 0.0  # one write to the caller's buffer...
     # ...is seen by both sessions: neither kept a private copy of the weights.
