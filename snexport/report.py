@@ -17,9 +17,21 @@ def _points(manifest: dict, device_key: str | None):
             "latency": m["latency_ms"]["p50"] if m else None,
             "p90": m["latency_ms"]["p90"] if m else None,
             "memory": m["memory"]["rss_load_delta_mb"] if m else None,
+            "params_m": e["params"] / 1e6,
             "pareto": bool(m and m["pareto"]),
         })
     return rows
+
+
+def plot_axes(rows: list[dict]) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(x key, label), (y key, label): measured latency else GFLOPs; accuracy when known, else what is known
+    about cost (measured memory, or the parameter count), so an architecture-only build still gets a plot."""
+    measured = any(r["latency"] is not None for r in rows)
+    known = any(r["top1"] is not None for r in rows)
+    x = ("latency", "measured latency p50 (ms)") if measured else ("gflops", "GFLOPs (paper convention)")
+    if known:
+        return x, ("top1", "top-1 accuracy (%)")
+    return x, (("memory", "memory (MB), accuracy unknown") if measured else ("params_m", "parameters (M), accuracy unknown"))
 
 
 def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict | None = None) -> Path:
@@ -34,15 +46,14 @@ def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict 
     import matplotlib.pyplot as plt
 
     rows = _points(manifest, device_key)
-    measured = any(r["latency"] is not None for r in rows)
-    known = any(r["top1"] is not None for r in rows)
-    xkey = "latency" if measured else "gflops"
+    (xkey, xlabel), (ykey, ylabel) = plot_axes(rows)
+    measured, known = xkey == "latency", ykey == "top1"
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     if evals and not measured and known:
         others = [e for sid, e in evals.items() if sid not in {r["id"] for r in rows} and e.top1 is not None]
         ax.scatter([e.gflops for e in others], [e.top1 for e in others], s=14, color="0.75",
                    label="other configurations")
-    ys = [r["top1"] if known else r["memory"] for r in rows]
+    ys = [r[ykey] for r in rows]
     xs = [r[xkey] for r in rows]
     for r, x, y in zip(rows, xs, ys):
         if x is None or y is None:
@@ -56,8 +67,8 @@ def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict 
     if front:
         ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:blue", alpha=0.6,
                 label="Pareto front on this device")
-    ax.set_xlabel("measured latency p50 (ms)" if measured else "GFLOPs (paper convention)")
-    ax.set_ylabel("top-1 accuracy (%)" if known else "memory (MB, accuracy unknown)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     device = (manifest.get("devices", {}).get(device_key, {}) or {}).get("profile", "") if device_key else ""
     ax.set_title(f"SN-Net stitches: {', '.join(a['name'] for a in manifest['build']['anchors'])}"
                  + (f" on {device}" if device else ""))

@@ -195,3 +195,16 @@ def test_selector_runs_engines_with_the_measured_thread_count(built):
         sel.switch(sel.choose(latency_ms=1e9))
         slot = next(iter(sel._slots.values()))
         assert slot.runner.settings["intra_op_num_threads"] == 1
+
+
+def test_plot_axes_fit_what_is_known(built):
+    from snexport.report import _points, plot_axes
+
+    rows = _points(built["manifest"], built["device_key"])
+    assert plot_axes(rows) == (("latency", "measured latency p50 (ms)"), ("top1", "top-1 accuracy (%)"))
+    unmeasured = _points(built["manifest"], None)
+    assert plot_axes(unmeasured)[0][0] == "gflops"
+    blind = [dict(r, top1=None) for r in unmeasured]  # architecture-only build: accuracy unknown, not profiled
+    assert plot_axes(blind)[1][0] == "params_m" and all(r["params_m"] > 0 for r in blind)
+    blind_measured = [dict(r, top1=None) for r in rows]
+    assert plot_axes(blind_measured)[1][0] == "memory"
