@@ -16,6 +16,10 @@ class SnexportError(Exception):
     exit_code = 1
 
 
+class SettingsError(SnexportError, ValueError):
+    """An option value outside what the library accepts (a ValueError too, for library callers)."""
+
+
 class UnknownModelError(SnexportError):
     """A model name that neither our aliases nor timm know."""
 

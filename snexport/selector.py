@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-from snexport.errors import BudgetError, ManifestError, UnknownStitchError
+from snexport.errors import BudgetError, ManifestError, SettingsError, UnknownStitchError
 from snexport.hashing import PathLike, sha256_file
 from snexport.manifest import MANIFEST_NAME, engine_memory_mb, latest_device, read_manifest
 
@@ -94,7 +94,7 @@ class FeedbackConfig:
 
     def __post_init__(self):
         if not (1 <= self.down_after <= self.window) or self.up_after < 1 or not (0 <= self.hysteresis < 1):
-            raise ValueError(f"invalid FeedbackConfig {self}: need 1 <= down_after <= window, up_after >= 1, "
+            raise SettingsError(f"invalid FeedbackConfig {self}: need 1 <= down_after <= window, up_after >= 1, "
                              "0 <= hysteresis < 1")
 
 
@@ -179,11 +179,11 @@ class Selector:
         on_switch: Optional[Callable[[SwitchEvent], None]] = None,
     ):
         if percentile not in PERCENTILES:
-            raise ValueError(f"percentile must be one of {', '.join(PERCENTILES)}, got {percentile!r}")
+            raise SettingsError(f"percentile must be one of {', '.join(PERCENTILES)}, got {percentile!r}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise SettingsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if cache_size < 1:
-            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+            raise SettingsError(f"cache_size must be >= 1, got {cache_size}")
         path = Path(manifest_path)
         self.manifest_path = path / MANIFEST_NAME if path.is_dir() else path
         self.manifest_dir = self.manifest_path.parent.resolve()

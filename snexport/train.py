@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from snexport.errors import BuildDirError
+from snexport.errors import BuildDirError, SettingsError
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,21 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> "TrainSettings":
+        """Refuse bad settings before any state is touched (a --restart must not run on a typo)."""
+        problems = []
+        if self.sampling not in ("uniform", "flops"):
+            problems.append(f"--sampling must be 'uniform' or 'flops', got {self.sampling!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            problems.append("--epochs and --batch-size must be >= 1")
+        if self.lr <= 0 or self.anchor_lr_scale < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            problems.append("--lr must be > 0; --anchor-lr-scale, --weight-decay and --warmup-epochs >= 0")
+        if not 0 <= self.distill_alpha <= 1:
+            problems.append("distill_alpha must be within [0, 1]")
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return self
 
 
 def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
@@ -66,7 +81,7 @@ class ConfigSampler:
 
     def __init__(self, configs: list, mode: str, gap_gflops: float, seed: int):
         if mode not in ("uniform", "flops"):
-            raise ValueError(f"sampling must be 'uniform' or 'flops', got {mode!r}")
+            raise SettingsError(f"--sampling must be 'uniform' or 'flops', got {mode!r}")
         self.configs = list(configs)
         self.groups = flops_groups(self.configs, gap_gflops) if mode == "flops" else [self.configs]
         self.rng = random.Random(seed)
@@ -95,6 +110,7 @@ def train_build(build, settings: TrainSettings, resume: bool = False, restart: b
     from snexport.hashing import atomic_path
     from snexport.progress import progress_task
 
+    settings.check()
     rank, world, local_rank = _dist_info()
     distributed = world > 1
     device = torch.device("cpu")

@@ -100,3 +100,25 @@ def test_torchrun_two_processes_on_cpu(fresh_build):
     assert "on 2 process(es)" in proc.stdout
     assert fresh_build.info()["trained_epochs"] == 1
     fresh_build.load_snnet()  # rank 0 wrote a loadable checkpoint
+
+
+def test_bad_settings_are_refused_before_restart_touches_anything(fresh_build):
+    from snexport.errors import SettingsError
+
+    train_build(fresh_build, TrainSettings(epochs=1, **FAST), show_progress=False, log=lambda *_: None)
+    trained = fresh_build.snnet_path.read_bytes()
+    with pytest.raises(SettingsError, match="--sampling"):
+        train_build(fresh_build, TrainSettings(epochs=1, sampling="foo", **FAST), restart=True, show_progress=False)
+    assert fresh_build.snnet_path.read_bytes() == trained and fresh_build.info()["trained_epochs"] == 1
+
+
+def test_distillation_from_the_largest_anchor_changes_the_objective(fresh_build, tmp_path):
+    import shutil
+
+    twin = BuildDir(tmp_path / "twin")
+    shutil.copytree(fresh_build.root, twin.root)
+    quiet = dict(show_progress=False, log=lambda *_: None)
+    plain = train_build(fresh_build, TrainSettings(epochs=1, **FAST), **quiet)
+    distilled = train_build(twin, TrainSettings(epochs=1, distill="largest", **FAST), **quiet)
+    # Same seeds, data order and sampled configurations: only the teacher's term can make the losses differ.
+    assert distilled["history"][0]["loss"] != pytest.approx(plain["history"][0]["loss"], rel=1e-6)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from snexport import flops
-from snexport.errors import IncompatibleAnchorsError, UnknownStitchError
+from snexport.errors import IncompatibleAnchorsError, SettingsError, UnknownStitchError
 from snexport.records import AnchorSpec, Stitch
 
 
@@ -39,7 +39,7 @@ def paired_pairs(depth: int, window: int = 2, stride: int = 1) -> list[tuple[int
     defaults gives 34 pairs on 11 layers (spec).
     """
     if window < 1 or stride < 1:
-        raise ValueError(f"window and stride must be >= 1 (got window={window}, stride={stride})")
+        raise SettingsError(f"--window and --stride must be >= 1 (got window={window}, stride={stride})")
     seen: set[tuple[int, int]] = set()
     out: list[tuple[int, int, int]] = []
     layer = 0
