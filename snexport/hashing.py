@@ -126,3 +126,15 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
 def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> None:
     """Pretty JSON for files people read (exports.json, manifest.json); trailing newline for diff tools."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+
+
+def remove_stale_temps(final: PathLike) -> int:
+    """Delete temporary files a killed writer left next to ``final`` (``.<name>.*.tmp``); returns how many.
+
+    Only for files a single writer owns (one build stage at a time per build directory)."""
+    final = Path(final)
+    stale = list(final.parent.glob(f".{final.name}.*{TMP_SUFFIX}")) if final.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+

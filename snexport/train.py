@@ -126,6 +126,13 @@ def train_build(build, settings: TrainSettings, resume: bool = False, restart: b
 
     plan = build.load_plan()
     state_path = build.train_dir / "state.pt"
+    if rank == 0:
+        from snexport.hashing import remove_stale_temps
+
+        # A SIGKILL between writing a checkpoint's temp file and renaming it leaves the temp behind; the
+        # checkpoint itself is the previous one, intact.
+        for final in (state_path, build.snnet_path, build.plan_path, build.train_dir / "init.safetensors"):
+            remove_stale_temps(final)
     start_epoch = 0
     if state_path.is_file() and not (resume or restart):
         done = torch.load(state_path, map_location="cpu", weights_only=False)["epoch"]

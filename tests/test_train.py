@@ -122,3 +122,31 @@ def test_distillation_from_the_largest_anchor_changes_the_objective(fresh_build,
     distilled = train_build(twin, TrainSettings(epochs=1, distill="largest", **FAST), **quiet)
     # Same seeds, data order and sampled configurations: only the teacher's term can make the losses differ.
     assert distilled["history"][0]["loss"] != pytest.approx(plain["history"][0]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_loses_at_most_the_running_epoch(fresh_build):
+    """A real kill (SIGKILL, no clean-up) while epochs are being written; --resume finishes the schedule."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "snexport.cli.app", "train", str(fresh_build.root), "--epochs", "40",
+           "--batch-size", "256"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    state = fresh_build.train_dir / "state.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("training finished before it could be killed")
+    done_at_kill = torch.load(state, weights_only=False)["epoch"]
+    assert 1 <= done_at_kill < 40
+    fresh_build.load_snnet()  # the weights on disk are whole, not half-written
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch" in resumed.stdout and "trained epochs 40/40" in resumed.stdout
+    assert fresh_build.info()["trained_epochs"] == 40
+    assert not list(fresh_build.train_dir.glob(".*.tmp"))  # no temp file mistaken for a checkpoint
