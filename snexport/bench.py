@@ -135,10 +135,11 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     if build.profile_path.is_file():
         for line in build.profile_path.read_text().splitlines():
             try:
-                if json.loads(line).get("device_key") != key:
-                    kept.append(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                continue  # a line cut short by a kill
+            if isinstance(row, dict) and row.get("device_key") != key:
+                kept.append(line)
     for a in arts:
         rec = measurement_record(a.stitch_id, a.file, profile.backend, dict(stats[a.stitch_id],
                                  switch=switches.get(a.stitch_id)), fingerprint, settings)

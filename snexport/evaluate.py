@@ -28,31 +28,34 @@ def evaluate_build(build, stitch_ids: Optional[Iterable[str]] = None, data: Opti
     plan = build.load_plan()
     wanted = [plan.get(i) for i in stitch_ids] if stitch_ids else list(plan.stitches)
     weights_hash = build.weights_hash()
-    done = build.read_eval(weights_hash)
+    splits = None
+    if build.accuracy_known:
+        from snexport.data import open_data
+
+        spec0 = plan.anchors[0]
+        splits = open_data(data or build.info().get("data") or None, spec0.input_shape, spec0.num_classes,
+                           batch_size=batch_size)
+    dataset = splits.name if splits is not None else "unknown (random-init anchors)"
+    # Reuse a result only for the same weights and the same dataset.
+    done = {k: r for k, r in build.read_eval(weights_hash).items() if r.dataset == dataset}
     todo = [s for s in wanted if s.id not in done]
     results = {s.id: done[s.id] for s in wanted if s.id in done}
-    if todo:
-        if not build.accuracy_known:
-            # Random-init anchors: accuracy is unknown, never a number (architecture-only build).
+    if todo and splits is None:
+        # Random-init anchors: accuracy is unknown, never a number (architecture-only build).
+        for s in todo:
+            rec = EvalResult(s.id, None, s.gflops, s.params, 0, dataset, weights_hash)
+            build.append_eval(rec)
+            results[s.id] = rec
+    elif todo:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        net = build.load_snnet().to(device).eval()
+        with progress_task("evaluating configurations", len(todo), show_progress) as advance:
             for s in todo:
-                rec = EvalResult(s.id, None, s.gflops, s.params, 0, "unknown (random-init anchors)", weights_hash)
+                acc, n = top1(lambda x, sid=s.id: net(x, sid), splits.val, device)
+                rec = EvalResult(s.id, round(acc, 3), s.gflops, s.params, n, splits.name, weights_hash)
                 build.append_eval(rec)
                 results[s.id] = rec
-        else:
-            import torch
-
-            from snexport.data import open_data
-
-            spec0 = plan.anchors[0]
-            splits = open_data(data or build.info().get("data") or None, spec0.input_shape, spec0.num_classes,
-                               batch_size=batch_size)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            net = build.load_snnet().to(device).eval()
-            with progress_task("evaluating configurations", len(todo), show_progress) as advance:
-                for s in todo:
-                    acc, n = top1(lambda x, sid=s.id: net(x, sid), splits.val, device)
-                    rec = EvalResult(s.id, round(acc, 3), s.gflops, s.params, n, splits.name, weights_hash)
-                    build.append_eval(rec)
-                    results[s.id] = rec
-                    advance()
+                advance()
     return sorted(results.values(), key=lambda r: (r.gflops, r.stitch_id))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Optional
 
 from snexport.errors import BackendUnavailableError, BuildDirError
@@ -17,6 +18,7 @@ from snexport.records import Artifact
 log = logging.getLogger("snexport")
 
 ENGINES_FILE = "engines.json"  # TensorRT engines built on the device (exports.json holds the ONNX files)
+DEPLOY_FILE = "deploy.json"  # the artifacts of the last export: what bench profiles and the manifest lists
 
 
 def default_target() -> str:
@@ -79,7 +81,9 @@ def resolve_stitches(build, choice: str | None) -> list:
         return [plan.get(i) for i in ids]
     try:
         doc = read_candidates(build)
-        if doc.get("weights_hash") != build.weights_hash():
+        # Reuse only a FLOPs-Pareto selection made for these weights; anything else is selected afresh.
+        if (doc.get("weights_hash") != build.weights_hash() or doc.get("mode") != "pareto"
+                or doc.get("by") != "gflops"):
             raise BuildDirError("stale")
     except BuildDirError:
         doc = select_stage(build, by="gflops", stitches="pareto")
@@ -100,16 +104,48 @@ def export_stage(build, stitches: str | None = "pareto", *, opset: int = 18, sim
     net = build.load_snnet()
     spec0 = build.load_plan().anchors[0]
     formats = ("onnx", "onnx-fp16") if fp16 else ("onnx",)
-    with progress_task("exporting ONNX", len(chosen), show_progress) as advance:
-        arts = export_stitches(build.root, chosen, net.materialize, spec0.input_shape, validation_images(build),
-                               opset=opset, simplifier=simplifier, batch=batch, exporter=exporter, formats=formats,
-                               progress=advance, weights_hash=build.weights_hash())
+    from snexport.export.stage import ExportStageError
+
+    try:
+        with progress_task("exporting ONNX", len(chosen), show_progress) as advance:
+            arts = export_stitches(build.root, chosen, net.materialize, spec0.input_shape, validation_images(build),
+                                   opset=opset, simplifier=simplifier, batch=batch, exporter=exporter,
+                                   formats=formats, progress=advance, weights_hash=build.weights_hash())
+    except ExportStageError as exc:
+        write_deploy_set(build, exc.artifacts)  # what did export is deployable; the failures are reported
+        raise
+    write_deploy_set(build, arts)
     if pack:
         from snexport.export.pack import pack_stitches
 
         with progress_task("packing shared weights", len(arts), show_progress) as advance:
             pack_stitches(build.root, arts, progress=advance)
     return arts
+
+
+def write_deploy_set(build, arts: list[Artifact]) -> None:
+    """What the last export chose: exports.json keeps every file ever exported, this names the current ones."""
+    atomic_write_json(build.root / DEPLOY_FILE, {
+        "weights_hash": build.weights_hash(),
+        "artifacts": [{"stitch_id": a.stitch_id, "precision": a.precision, "sha256": a.sha256} for a in arts],
+    })
+
+
+def current_exports(build) -> list[Artifact]:
+    """The exported files of the last `export` for the current weights, verified on disk."""
+    path = build.root / DEPLOY_FILE
+    try:
+        doc = json.loads(path.read_text())
+        wanted = {(d["stitch_id"], d["precision"], d["sha256"]) for d in doc["artifacts"]}
+        weights_hash = doc["weights_hash"]
+    except FileNotFoundError:
+        raise BuildDirError(f"{build.root} has no export yet; run `snexport export {build.root}`") from None
+    except (ValueError, KeyError, TypeError):
+        raise BuildDirError(f"{path} is corrupt; re-run `snexport export {build.root}`") from None
+    if weights_hash != build.weights_hash():
+        raise BuildDirError(f"the SN-Net weights changed since the last export (trained or re-stitched); re-run "
+                            f"`snexport export {build.root}`")
+    return verified(build, [a for a in read_exports(build) if (a.stitch_id, a.precision, a.sha256) in wanted])
 
 
 def packed_artifacts(build, pack_dir: str) -> list[Artifact]:
@@ -123,8 +159,11 @@ def read_exports(build) -> list[Artifact]:
     if not build.exports_path.is_file():
         raise BuildDirError(f"{build.root} has no exports.json; run `snexport export {build.root}` first")
     try:
-        return [Artifact.from_dict(d) for d in json.loads(build.exports_path.read_text())]
-    except (json.JSONDecodeError, TypeError) as exc:
+        doc = json.loads(build.exports_path.read_text())
+        if not isinstance(doc, list):
+            raise TypeError("expected a list of artifacts")
+        return [Artifact.from_dict(d) for d in doc]
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise BuildDirError(f"{build.exports_path} is corrupt ({exc}); re-run `snexport export {build.root}`") from None
 
 
@@ -153,14 +192,14 @@ def engines_stage(build, profile, show_progress: bool = True) -> list[Artifact]:
         raise BackendUnavailableError(f"{why}; the ONNX files in {build.engines_dir} are valid: copy the build to "
                                       "the device and run `snexport bench` there")
     trt = import_tensorrt()
-    onnx = {(a.stitch_id, a.precision): a for a in verified(build, read_exports(build)) if a.format == "onnx"}
+    onnx = {(a.stitch_id, a.precision): a for a in current_exports(build) if a.format == "onnx"}
     fp32 = [a for (sid, p), a in onnx.items() if p == "fp32"]
     gpu = (gpu_name() or "gpu").replace(" ", "_")
     cache = build.engines_dir / f"timing-cache-{gpu}-trt{trt.__version__}.bin"
     engines_path = build.root / ENGINES_FILE
     done = {}
     if engines_path.is_file():
-        done = {a["stitch_id"]: Artifact.from_dict(a) for a in json.loads(engines_path.read_text())}
+        done = {a.stitch_id: a for a in _read_artifact_list(engines_path)}
     images = validation_images(build)
     net = None
     out = []
@@ -196,39 +235,62 @@ def engines_stage(build, profile, show_progress: bool = True) -> list[Artifact]:
     return out
 
 
+def _read_artifact_list(path: Path) -> list[Artifact]:
+    try:
+        return [Artifact.from_dict(d) for d in json.loads(path.read_text())]
+    except (ValueError, TypeError, AttributeError, KeyError):
+        raise BuildDirError(f"{path} is corrupt; delete it and re-run `snexport bench`") from None
+
+
+def complete_pack(build, pack_dir: str, sources: list[Artifact]) -> list[Artifact]:
+    """The pack's artifacts made from exactly `sources`, all verified on disk; [] if anything is missing.
+
+    A pack left over from an earlier export, or with a file missing or altered, is not used: the standalone
+    files (or a repack) are, so no engine silently drops out of the deployment.
+    """
+    shas = {a.sha256 for a in sources}
+    packed = [a for a in packed_artifacts(build, pack_dir) if a.source_sha256 in shas]
+    if not sources or {a.source_sha256 for a in packed} != shas:
+        return []
+    good = verified(build, packed)
+    return good if len(good) == len(packed) else []
+
+
 def deployable(build, profile) -> list[Artifact]:
-    """The files this profile runs: TensorRT engines, or ONNX at the profile's precision."""
+    """The files this profile runs, for the current export: TensorRT engines, or ONNX at the profile's precision."""
+    current = current_exports(build)
     if profile.backend == "tensorrt":
         path = build.root / ENGINES_FILE
-        if path.is_file():
-            arts = [Artifact.from_dict(d) for d in json.loads(path.read_text())]
-            return verified(build, [a for a in arts if a.precision == profile.precision])
-        return verified(build, [a for a in read_exports(build) if a.precision == "fp32"])
+        fp32 = {a.sha256 for a in current if a.precision == "fp32"}
+        engines = _read_artifact_list(path) if path.is_file() else []
+        return verified(build, [a for a in engines if a.precision == profile.precision and a.source_sha256 in fp32])
     want = profile.precision if profile.backend == "onnxruntime" else "fp32"
+    onnx = [a for a in current if a.precision == want and a.format == "onnx"]
     if profile.backend == "onnxruntime":
         from snexport.export.pack import ORT_PACK_DIR, PACK_DIR
 
-        # A portable pack from the host becomes a device-optimized pack here (bench calls prepare_pack first):
-        # prepacked weights shared by all sessions, ~1 copy of the distinct weights (docs/packs.md).
-        # A pack counts only while it was made from the current exports (a re-export without --pack leaves an
-        # older pack behind): portable pack <- exports.json, device-optimized pack <- portable pack.
-        exports = {a.sha256 for a in read_exports(build) if a.precision == want}
-        portable = [a for a in packed_artifacts(build, PACK_DIR) if a.precision == want and a.source_sha256 in exports]
-        optimized = [a for a in packed_artifacts(build, ORT_PACK_DIR)
-                     if a.source_sha256 in {p.sha256 for p in portable}]
-        for packed in (optimized, portable):
-            if packed and len(packed) == len(portable):
-                return verified(build, packed)
-    return verified(build, [a for a in read_exports(build) if a.precision == want and a.format == "onnx"])
+        # Device-optimized pack (bench's prepare_pack made it from the portable pack on this machine): prepacked
+        # weights shared by all sessions, ~1 copy of the distinct weights (docs/packs.md); else the portable one.
+        portable = complete_pack(build, PACK_DIR, onnx)
+        for packed in (complete_pack(build, ORT_PACK_DIR, portable), portable):
+            if packed:
+                return packed
+    return onnx
 
 
 def prepare_pack(build, profile, show_progress: bool = True) -> list[Artifact]:
-    """The device step for ONNX Runtime packs: optimize the portable pack for this CPU and ORT version."""
+    """The device step for ONNX Runtime packs: optimize the current portable pack for this CPU and ORT version."""
     from snexport.export.pack import PACK_DIR, optimize_pack
     from snexport.progress import progress_task
 
-    portable = verified(build, packed_artifacts(build, PACK_DIR))
-    if profile.backend != "onnxruntime" or not portable:
+    if profile.backend != "onnxruntime":
+        return []
+    onnx = [a for a in current_exports(build) if a.precision == profile.precision and a.format == "onnx"]
+    portable = complete_pack(build, PACK_DIR, onnx)
+    if not portable:
+        if (build.root / PACK_DIR).is_dir():
+            log.warning("the shared-weight pack does not match the current export (file missing, altered or from "
+                        "an earlier export); profiling the standalone files. Re-run `snexport export` to repack")
         return []
     with progress_task("optimizing the weight pack for this device", len(portable), show_progress) as advance:
         return optimize_pack(build.root, portable, progress=advance)

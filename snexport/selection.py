@@ -41,6 +41,7 @@ def latest_profile(build, device_key: Optional[str] = None) -> dict[str, dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    rows = [r for r in rows if isinstance(r, dict) and "stitch_id" in r and "stats" in r]
     if not rows:
         return {}
     key = device_key or rows[-1].get("device_key")
@@ -97,4 +98,10 @@ def select_stage(build, by: str = "gflops", stitches: str | None = "pareto", dev
 def read_candidates(build) -> dict:
     if not build.candidates_path.is_file():
         raise BuildDirError(f"{build.root} has no candidates.json; run `snexport select {build.root}` first")
-    return json.loads(build.candidates_path.read_text())
+    try:
+        doc = json.loads(build.candidates_path.read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("candidates"), list):
+            raise ValueError("not a candidates document")
+    except ValueError:
+        raise BuildDirError(f"{build.candidates_path} is corrupt; re-run `snexport select {build.root}`") from None
+    return doc

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from snexport.builddir import BuildDir
+from snexport.hashing import sha256_file
 from snexport.stitching.plan import PlanSettings, plan_stitches
 
 DEFAULT_CALIB_IMAGES = 100  # spec: ~100 calibration images, a few hundred at most
@@ -60,7 +61,10 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
         if random_init:
             sources[a.name] = "random-init"
         elif a.name in weights:
-            sources[a.name] = f"file:{Path(weights[a.name]).resolve()}"
+            path = Path(weights[a.name]).resolve()
+            # The content, not just the path: new weights saved over the same file must rebuild.
+            digest = sha256_file(path)[:16] if path.is_file() else "missing"
+            sources[a.name] = f"file:{path}:{digest}"
         elif a.name.startswith("demo_"):
             from snexport.demo import demo_key
 
@@ -96,11 +100,11 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
         ls = net.init_stitching_layers(images, progress=lambda done, total: advance())
     ls["source"] = calib_source
     info = {"inputs": inputs, "random_init": random_init, "data": data, "ls_init": ls, "trained_epochs": 0}
-    # The old train state belongs to the old weights: drop it so `train` starts from this init.
-    for stale in ("state.pt", "init.safetensors"):
-        p = build.train_dir / stale
-        if p.exists():
-            p.unlink()
+    # The old train state and selection belong to the old weights: drop them so later stages start afresh.
+    for stale in (build.train_dir / "state.pt", build.train_dir / "init.safetensors", build.candidates_path,
+                  build.root / "deploy.json"):
+        if stale.exists():
+            stale.unlink()
     build.root.mkdir(parents=True, exist_ok=True)
     # Plan first: if a kill lands between the two writes, the weights' plan hash no longer matches and the next
     # run redoes this stage instead of trusting stale weights.

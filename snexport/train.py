@@ -138,34 +138,40 @@ def train_build(build, settings: TrainSettings, resume: bool = False, restart: b
         done = torch.load(state_path, map_location="cpu", weights_only=False)["epoch"]
         raise BuildDirError(f"{build.root} already has {done} trained epoch(s); pass --resume to continue, or "
                             "--restart to train again from the least-squares init")
+    # Everything that can fail on bad input (data, teacher) is opened before a --restart discards anything.
+    spec0 = plan.anchors[0]
+    data = open_data(settings.data or build.info().get("data") or None, spec0.input_shape, spec0.num_classes,
+                     batch_size=settings.batch_size, distributed=distributed)
+    teacher_source = None
+    if settings.distill and settings.distill != "largest":
+        from snexport.anchors import load_anchor
+
+        teacher_source = load_anchor(settings.distill)
+
     if restart and state_path.is_file():
         init = build.train_dir / "init.safetensors"
         if not init.is_file():
             raise BuildDirError(f"cannot restart: {init} (the pre-training weights) is missing; re-run `snexport stitch`")
         import shutil
 
-        shutil.copyfile(init, build.snnet_path)
-        state_path.unlink()
+        if rank == 0:
+            with atomic_path(build.snnet_path) as tmp:
+                shutil.copyfile(init, tmp)
+            build.update_info(trained_epochs=0)  # the weights on disk are the LS init again
+            state_path.unlink()
+        if distributed:
+            dist.barrier()
     net = build.load_snnet().to(device)
-    if not state_path.is_file() and not (build.train_dir / "init.safetensors").is_file():
+    if rank == 0 and not state_path.is_file() and not (build.train_dir / "init.safetensors").is_file():
         build.train_dir.mkdir(parents=True, exist_ok=True)
         import shutil
 
         with atomic_path(build.train_dir / "init.safetensors") as tmp:
             shutil.copyfile(build.snnet_path, tmp)
 
-    spec0 = plan.anchors[0]
-    data = open_data(settings.data or build.info().get("data") or None, spec0.input_shape, spec0.num_classes,
-                     batch_size=settings.batch_size, distributed=distributed)
-
     teacher = None
     if settings.distill:
-        if settings.distill == "largest":
-            teacher = copy.deepcopy(net.anchors[-1])
-        else:
-            from snexport.anchors import load_anchor
-
-            teacher = load_anchor(settings.distill)
+        teacher = copy.deepcopy(net.anchors[-1]) if settings.distill == "largest" else teacher_source
         teacher = teacher.to(device).eval().requires_grad_(False)
 
     anchor_params = [p for p in net.anchors.parameters()]

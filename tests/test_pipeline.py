@@ -208,3 +208,58 @@ def test_plot_axes_fit_what_is_known(built):
     assert plot_axes(blind)[1][0] == "params_m" and all(r["params_m"] > 0 for r in blind)
     blind_measured = [dict(r, top1=None) for r in rows]
     assert plot_axes(blind_measured)[1][0] == "memory"
+
+
+@pytest.fixture
+def built_copy(built, tmp_path):
+    import shutil
+
+    from snexport.builddir import BuildDir
+
+    shutil.copytree(built["build"].root, tmp_path / "b")
+    return BuildDir(tmp_path / "b")
+
+
+def test_deployment_follows_the_last_export_only(built_copy, quick_profile):
+    from snexport.device_profiles import load_profile
+    from snexport.pipeline import deployable, export_stage
+
+    profile = load_profile(quick_profile)
+    before = {a.stitch_id for a in deployable(built_copy, profile)}
+    assert len(before) > 2
+    export_stage(built_copy, "demo_s,demo_l", pack=False, show_progress=False)
+    # exports.json still lists the older files, but only the last export is deployed (the pack's files for these
+    # two stitches were made from the same sources, so they may still serve them).
+    assert {a.stitch_id for a in deployable(built_copy, profile)} == {"demo_s", "demo_l"}
+
+
+def test_incomplete_pack_falls_back_to_standalone_files(built_copy, quick_profile):
+    import shutil
+
+    from snexport.device_profiles import load_profile
+    from snexport.export.pack import PACK_DIR
+    from snexport.pipeline import current_exports, deployable, prepare_pack
+
+    profile = load_profile(quick_profile)
+    shutil.rmtree(built_copy.root / "engines" / "pack-ort")
+    victim = next((built_copy.root / PACK_DIR).glob("*.onnx"))
+    victim.unlink()
+    assert prepare_pack(built_copy, profile, show_progress=False) == []
+    arts = deployable(built_copy, profile)
+    exported = {a.stitch_id for a in current_exports(built_copy)}
+    assert {a.stitch_id for a in arts} == exported  # nothing silently dropped
+    assert all(a.file.startswith("engines/") and "/pack" not in a.file for a in arts)
+
+
+def test_corrupt_candidates_and_changed_weights(built_copy, quick_profile):
+    from snexport.bench import bench_stage
+    from snexport.device_profiles import load_profile
+    from snexport.errors import BuildDirError
+    from snexport.pipeline import resolve_stitches
+
+    built_copy.candidates_path.write_text('{"by":')
+    assert resolve_stitches(built_copy, "pareto")  # a corrupt selection is redone, not a traceback
+    net = built_copy.load_snnet()
+    built_copy.save_snnet(net, trained_epochs=99)  # same values, new file: the weights hash changes
+    with pytest.raises(BuildDirError, match="weights changed since the last export"):
+        bench_stage(built_copy, load_profile(quick_profile), show_progress=False)

@@ -150,3 +150,15 @@ def test_sigkill_mid_training_then_resume_loses_at_most_the_running_epoch(fresh_
     assert "resuming after epoch" in resumed.stdout and "trained epochs 40/40" in resumed.stdout
     assert fresh_build.info()["trained_epochs"] == 40
     assert not list(fresh_build.train_dir.glob(".*.tmp"))  # no temp file mistaken for a checkpoint
+
+
+def test_failed_restart_keeps_the_trained_weights(fresh_build, tmp_path):
+    from snexport.errors import DataError
+
+    train_build(fresh_build, TrainSettings(epochs=1, **FAST), show_progress=False, log=lambda *_: None)
+    trained = fresh_build.snnet_path.read_bytes()
+    with pytest.raises(DataError):
+        train_build(fresh_build, TrainSettings(epochs=1, data=str(tmp_path / "missing"), **FAST), restart=True,
+                    show_progress=False)
+    assert fresh_build.snnet_path.read_bytes() == trained and fresh_build.info()["trained_epochs"] == 1
+    assert (fresh_build.train_dir / "state.pt").is_file()
