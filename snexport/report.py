@@ -74,6 +74,8 @@ def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict 
                  + (f" on {device}" if device else ""))
     ax.grid(alpha=0.3)
     ax.scatter([], [], marker="*", s=120, color="tab:red", label="anchors")
+    if measured and any(not r["pareto"] and not r["anchor"] for r in rows):
+        ax.scatter([], [], s=28, color="tab:gray", label="exported, dominated on this device")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
