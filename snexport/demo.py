@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from snexport.anchors import DEMO_FAMILY, DEMO_KWARGS, DEMO_TIMM_NAME
+from snexport.anchors import DEMO_KWARGS, DEMO_TIMM_NAME
 
 # Per-anchor accuracy and time are written next to the weights (<name>-<key>.json) and shown by the demo.
 DEMO_RECIPE = {"epochs": 20, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "warmup_fraction": 0.1,
@@ -44,22 +44,6 @@ def demo_weights_path(name: str, train_if_missing: bool = True) -> Path:
     if not path.is_file() and train_if_missing:
         train_demo_anchor(name, path)
     return path
-
-
-def demo_accuracy(name: str) -> float | None:
-    meta = cache_root() / "demo" / f"{name}-{demo_key(name)}.json"
-    return json.loads(meta.read_text())["val_top1"] if meta.is_file() else None
-
-
-def ensure_demo_family(progress: bool = True) -> dict[str, Path]:
-    """Train (once) and return the cached weights of every demo anchor."""
-    paths = {}
-    for name in DEMO_FAMILY:
-        path = demo_weights_path(name, train_if_missing=False)
-        if not path.is_file():
-            train_demo_anchor(name, path, show_progress=progress)
-        paths[name] = path
-    return paths
 
 
 def train_demo_anchor(name: str, path: Path, show_progress: bool = True) -> float:
