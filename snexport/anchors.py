@@ -46,6 +46,12 @@ DEMO_TIMM_NAME = "vit_tiny_patch16_224"  # only the architecture class; every si
 FAMILY_SHORTCUTS = {"demo": DEMO_FAMILY, "deit": ("deit_ti", "deit_s", "deit_b"), "deit3": ("deit3_s", "deit3_b", "deit3_l")}
 
 
+def is_demo_family(names) -> bool:
+    """True when every anchor is a bundled demo anchor (digits data, demo training recipe)."""
+    names = list(names)
+    return bool(names) and all(n in DEMO_KWARGS for n in names)
+
+
 def split_anchor_names(text: str | None) -> list[str]:
     """'deit_s,deit_b' -> ['deit_s', 'deit_b']; 'demo' (or nothing) -> the demo family."""
     if not text:

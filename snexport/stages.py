@@ -42,7 +42,7 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
 
     Skips the work when the directory already holds the same plan made from the same inputs.
     """
-    from snexport.anchors import describe_anchors, load_anchor
+    from snexport.anchors import describe_anchors, is_demo_family, load_anchor
     from snexport.errors import BuildDirError, WeightsError
     from snexport.progress import progress_task
     from snexport.stitching.snnet import SNNet
@@ -53,7 +53,7 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
         raise WeightsError(f"--weights names {', '.join(sorted(unknown))}, which is not among the anchors "
                            f"({', '.join(anchor_names)})")
     plan = plan_stitches(describe_anchors(anchor_names), settings)
-    uses_demo = all(a.name.startswith("demo_") for a in plan.anchors)
+    uses_demo = is_demo_family(a.name for a in plan.anchors)
     if data is None and uses_demo:
         data = "digits"
     sources = {}
@@ -65,7 +65,7 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
             # The content, not just the path: new weights saved over the same file must rebuild.
             digest = sha256_file(path)[:16] if path.is_file() else "missing"
             sources[a.name] = f"file:{path}:{digest}"
-        elif a.name.startswith("demo_"):
+        elif is_demo_family([a.name]):
             from snexport.demo import demo_key
 
             sources[a.name] = f"demo:{demo_key(a.name)}"

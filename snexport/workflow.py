@@ -33,6 +33,7 @@ class BuildOptions:
 
 
 def run_build(opts: BuildOptions, say: Callable[[str], None] = print, show_progress: bool = True) -> dict:
+    from snexport.anchors import is_demo_family
     from snexport.device_profiles import load_profile
     from snexport.evaluate import evaluate_build
     from snexport.pipeline import deployable, export_stage, runtime_available, write_manifest_for
@@ -45,12 +46,13 @@ def run_build(opts: BuildOptions, say: Callable[[str], None] = print, show_progr
                                data=opts.data, show_progress=show_progress)
     build.update_info(target=profile.name)
     ls = info["ls_init"]
-    say(f"[1/6] stitch: {len(build.load_plan().stitches)} configurations, LS init of {ls['layers']} layers from "
+    plan = build.load_plan()
+    say(f"[1/6] stitch: {len(plan.stitches)} configurations, LS init of {ls['layers']} layers from "
         f"{ls['calibration_images']} {ls['source']} images in {ls['total_seconds']:.2f} s"
         + (" (unchanged, skipped)" if info.get("skipped") else ""))
 
     data = build.info().get("data")
-    is_demo = all(a.name.startswith("demo_") for a in build.load_plan().anchors)
+    is_demo = is_demo_family(a.name for a in plan.anchors)
     default_epochs = (DEMO_EPOCHS if is_demo else 5) if data and not opts.random_init else 0
     epochs = opts.epochs if opts.epochs is not None else default_epochs
     done = build.info().get("trained_epochs", 0)
