@@ -41,8 +41,8 @@ def main() -> None:
     from snexport.export.onnx_export import export_onnx
     from snexport.export.simplify import simplify
     from snexport.export.validate import reference_logits, validate_onnx
-    from snexport.profiling import device_fingerprint
-    from snexport.stages import stitch_stage
+    from snexport.device.profiling import device_fingerprint
+    from snexport.stitching.stage import stitch_stage
 
     names = args.anchors.split(",")
     build, _ = stitch_stage(Path(args.out) / "-".join(names), names, random_init=True, show_progress=False)

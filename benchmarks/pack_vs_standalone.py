@@ -21,7 +21,7 @@ per session, and RSS counts a page once per mapping while PSS counts it once —
 
 Measured:
 - bytes on disk (ONNX files + weights file) and the pack's dedup facts (distinct vs standalone tensor bytes);
-- per engine alone (``snexport.profiling.profile_engine`` in a fresh process per engine, as ``snexport bench``):
+- per engine alone (``snexport.device.profiling.profile_engine`` in a fresh process per engine, as ``snexport bench``):
   RSS growth of load + first run, which goes into the manifest the selector reads;
 - RSS with all engines loaded and run once, and the time to load them all, through the real ``Selector``
   (``mode="preload"``), each configuration in its own fresh subprocess so that none pollutes another's RSS;
@@ -107,9 +107,10 @@ def evenly_spaced(stitches: Sequence[Any], n: int = EVEN_SPACED) -> list:
 
 
 def prepare(family: str, build_root: Path, choice: Optional[str], log) -> dict:
-    from snexport.export.pack import ORT_PACK_DIR, optimize_pack, pack_stitches, read_pack_index
+    from snexport.device.pack import ORT_PACK_DIR, optimize_pack, read_pack_index
+    from snexport.export.pack import pack_stitches
     from snexport.export.stage import export_stitches
-    from snexport.stages import stitch_stage
+    from snexport.stitching.stage import stitch_stage
 
     names, random_init = FAMILIES[family]
     log(f"[{family}] stitch stage in {build_root}")
@@ -147,9 +148,9 @@ def prepare(family: str, build_root: Path, choice: Optional[str], log) -> dict:
 
 def write_manifest_for(build_root: Path, plan, arts, name: str, alone: dict, fingerprint: dict) -> Path:
     """A manifest with the per-engine numbers measured alone (latency, memory), as `snexport bench` writes."""
-    from snexport.bench import measurement_for_manifest
-    from snexport.manifest import write_manifest
-    from snexport.pipeline import engine_entry
+    from snexport.device.bench import measurement_for_manifest
+    from snexport.device.manifest import write_manifest
+    from snexport.export.deploy import engine_entry
 
     engines = []
     for a in arts:
@@ -188,8 +189,8 @@ def _status_bytes() -> dict:
 
 
 def _open(entry: dict, root: Path, runner: dict, threads: int, weights_maps: dict):
-    from snexport.runtime.onnxruntime_runner import WeightsFileMap
-    from snexport.selector import default_runner_factory
+    from snexport.device.runtime.onnxruntime_runner import WeightsFileMap
+    from snexport.device.selector import default_runner_factory
 
     def weights_map(path):
         key = Path(path).resolve()
@@ -221,7 +222,7 @@ def _start_runtime() -> None:
 
 def worker_alone(spec: dict) -> dict:
     """One engine alone in a fresh process, through the library's profiler (what `snexport bench` stores)."""
-    from snexport.profiling import profile_engine
+    from snexport.device.profiling import profile_engine
 
     _start_runtime()
     maps: dict = {}
@@ -236,8 +237,8 @@ def worker_resident(spec: dict) -> dict:
     """All engines of one configuration preloaded by the Selector; RSS, load time, switches, prediction."""
     import numpy as np
 
-    from snexport.profiling import process_rss_bytes, summarize_ms
-    from snexport.selector import Selector
+    from snexport.device.profiling import process_rss_bytes, summarize_ms
+    from snexport.device.selector import Selector
 
     _start_runtime()
     base, base_status = process_rss_bytes(), _status_bytes()
@@ -290,7 +291,7 @@ def worker_latency(spec: dict) -> dict:
     import numpy as np
     import onnxruntime  # noqa: F401
 
-    from snexport.profiling import summarize_ms
+    from snexport.device.profiling import summarize_ms
 
     root = Path(spec["root"])
     maps: dict = {}
@@ -345,13 +346,13 @@ def _version(dist: str) -> Optional[str]:
 
 def _entries(arts) -> dict:
     """Manifest-like entries (what ``default_runner_factory`` reads) for the workers that skip the selector."""
-    from snexport.export.pack import manifest_fields
+    from snexport.device.manifest import artifact_fields
 
-    return {a.stitch_id: {"format": "onnx", **manifest_fields(a)} for a in arts}
+    return {a.stitch_id: artifact_fields(a) for a in arts}
 
 
 def run(family: str, cfg: dict, out_root: Path, results_dir: Path, choice: Optional[str], log) -> dict:
-    from snexport.profiling import device_fingerprint
+    from snexport.device.profiling import device_fingerprint
 
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -526,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(result, default=str))
         return 0
 
-    from snexport.runtime.onnxruntime_runner import default_threads
+    from snexport.device.runtime.onnxruntime_runner import default_threads
 
     cfg = dict(DEFAULTS[args.family], **(QUICK if args.quick else {}))
     for key in ("rounds", "per_round", "switches", "profile_iterations"):

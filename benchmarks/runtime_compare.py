@@ -4,7 +4,7 @@
     uv run python benchmarks/runtime_compare.py --family demo --quick
 
 For each family it builds (or reuses) an SN-Net build directory, selects the stitches, exports each as ONNX through
-the project's export stage, and measures with ``snexport.profiling`` (DESIGN.md, "Honest measurement"):
+the project's export stage, and measures with ``snexport.device.profiling`` (DESIGN.md, "Honest measurement"):
 
 - latency of the ONNX file in ``OnnxRuntimeRunner`` and of the materialised module in ``TorchRunner`` (eager, no
   autograd), same seeded input, same thread count, the two backends interleaved stitch by stitch so that drift of
@@ -18,7 +18,7 @@ the project's export stage, and measures with ``snexport.profiling`` (DESIGN.md,
   then materialises each stitch as a standalone copy.
 
 Selection: with accuracy known (demo family) the stitches are the accuracy/GFLOPs Pareto front from
-``snexport.pareto.select_candidates``. With random-init anchors (deit) accuracy is unknown, so no accuracy front
+``snexport.device.pareto.select_candidates``. With random-init anchors (deit) accuracy is unknown, so no accuracy front
 exists; the default is then every anchor plus 6 stitches evenly spaced in GFLOPs (targets at equal steps between
 the cheapest and the dearest stitch, each taking the nearest stitch not yet taken; ties by GFLOPs then id) — the
 same rule as benchmarks/pack_vs_standalone.py. ``--stitches all`` or ``--stitches ID,ID`` overrides it.
@@ -90,8 +90,8 @@ def evenly_spaced(stitches: Sequence[Any], n: int = EVEN_SPACED) -> list:
 
 def select_stitches(build, choice: Optional[str]) -> tuple[list, dict]:
     """The stitches to measure and a description of how they were chosen (stored in the JSON)."""
-    from snexport.evaluate import evaluate_build
-    from snexport.pareto import select_candidates
+    from snexport.evaluation.evaluate import evaluate_build
+    from snexport.device.pareto import select_candidates
 
     plan = build.load_plan()
     if choice and choice != "pareto":
@@ -121,8 +121,8 @@ def _rss_worker_ort(threads: int, paths: Sequence[str]) -> dict:
     import numpy as np
     import onnxruntime  # noqa: F401 - imported before the baseline: a deployed selector has it loaded
 
-    from snexport.profiling import process_rss_bytes
-    from snexport.runtime import OnnxRuntimeRunner
+    from snexport.device.profiling import process_rss_bytes
+    from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
     base = process_rss_bytes()
     rows, keep, prev = [], [], base
@@ -147,8 +147,8 @@ def _rss_worker_eager(threads: int, build_dir: str, ids: Sequence[str]) -> dict:
     """Runs in a fresh process: RSS of the SN-Net serving every stitch, then of standalone materialised copies."""
     import torch
 
-    from snexport.builddir import BuildDir
-    from snexport.profiling import process_rss_bytes
+    from snexport.stitching.store import BuildDir
+    from snexport.device.profiling import process_rss_bytes
 
     torch.set_num_threads(threads)
     # Baseline after the imports and one tiny forward through the op kinds a ViT uses: torch's lazy kernel and
@@ -210,9 +210,11 @@ def run_family(family: str, cfg: dict, build_root: Path, results_dir: Path, choi
     import torch
 
     from snexport.export.stage import export_stitches
-    from snexport.profiling import device_fingerprint, measure_switch, profile_engine
-    from snexport.runtime import OnnxRuntimeRunner, TorchRunner, open_runner
-    from snexport.stages import stitch_stage
+    from snexport.device.profiling import device_fingerprint, measure_switch, profile_engine
+    from snexport.device.runtime import open_runner
+    from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from snexport.device.runtime.torch_runner import TorchRunner
+    from snexport.stitching.stage import stitch_stage
 
     names, random_init = FAMILIES[family]
     threads = cfg["threads"]
@@ -392,7 +394,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def family_settings(family: str, args: argparse.Namespace) -> dict:
-    from snexport.runtime.onnxruntime_runner import default_threads
+    from snexport.device.runtime.onnxruntime_runner import default_threads
 
     cfg = dict(QUICK if args.quick else DEFAULTS[family])
     for key in ("warmup", "iterations", "min_duration_s", "max_duration_s", "switch_repeats"):

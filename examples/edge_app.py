@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from snexport.errors import SnexportError
-from snexport.selector import FeedbackConfig, Selector
+from snexport.device.selector import FeedbackConfig, Selector
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -8,12 +8,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_anchor": "snexport.anchors",
-    "describe_anchor": "snexport.anchors",
+    "load_anchor": "snexport.families.registry",
+    "describe_anchor": "snexport.families.registry",
     "plan_stitches": "snexport.stitching.plan",
     "PlanSettings": "snexport.stitching.plan",
     "SNNet": "snexport.stitching.snnet",
-    "BuildDir": "snexport.builddir",
+    "BuildDir": "snexport.stitching.store",
     "SnexportError": "snexport.errors",
 }
 

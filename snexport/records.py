@@ -49,6 +49,17 @@ class AnchorSpec(_Record):
     gflops: float  # whole anchor, paper convention (see flops.py)
     params: int  # whole anchor
     pretrained_tag: str = ""  # timm pretrained tag / weight source note, informational
+    # Family-agnostic view for the stitching code (snexport.families.base): stem -> units -> head, costs in the
+    # paper's FLOPs convention, so plans and their costs need no torch.
+    family: str = "vit"
+    stem_flops: int = 0
+    unit_flops: tuple = ()  # per unit (a ViT block; a block of a stage, with its stage transition folded in)
+    unit_params: tuple = ()
+    unit_stage: tuple = ()  # stage index of each unit
+    stage_widths: tuple = ()  # channels at a unit's output, per stage
+    stage_rows: tuple = ()  # tokens (or H*W pixels) per image at a unit's output, per stage
+    stage_layout: tuple = ()  # "tokens" (B, rows, C) or "nchw" (B, C, H, W), per stage
+    head_flops: int = 0
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -111,3 +122,6 @@ class Artifact(_Record):
     # TensorRT engine, the standalone ONNX of a packed one (snexport.export.pack)
     weights_size_bytes: Optional[int] = None  # size of weights_file (the manifest's weights_size_bytes)
     weights_used_bytes: Optional[int] = None  # distinct bytes of weights_file this engine references
+    # FP32 PyTorch outputs shipped with the engine (inputs, logits: .npy files and their sha256), so an engine
+    # built on the device is validated there without torch: {"inputs", "inputs_sha256", "logits", "logits_sha256"}
+    reference: dict = field(default_factory=dict)

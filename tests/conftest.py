@@ -19,7 +19,7 @@ DEMO = ["demo_s", "demo_m", "demo_l"]
 
 @pytest.fixture(scope="session")
 def demo_plan():
-    from snexport.anchors import describe_anchors
+    from snexport.families.registry import describe_anchors
     from snexport.stitching.plan import plan_stitches
 
     return plan_stitches(describe_anchors(DEMO))
@@ -28,7 +28,7 @@ def demo_plan():
 @pytest.fixture(scope="session")
 def random_snnet(demo_plan):
     """The demo architecture with random weights (structure tests need no training)."""
-    from snexport.anchors import load_anchor
+    from snexport.families.registry import load_anchor
     from snexport.stitching.snnet import SNNet
 
     return SNNet(demo_plan, [load_anchor(n, random_init=True, seed=i) for i, n in enumerate(DEMO)]).eval()
@@ -37,7 +37,7 @@ def random_snnet(demo_plan):
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory):
     """A least-squares-initialised build of the trained demo family (trains the anchors on first use)."""
-    from snexport.stages import stitch_stage
+    from snexport.stitching.stage import stitch_stage
 
     build, _ = stitch_stage(tmp_path_factory.mktemp("demo") / "build", DEMO, show_progress=False)
     return build

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from snexport.anchors import load_anchor, parse_weights_option, resolve_name, split_anchor_names
+from snexport.families.registry import load_anchor, parse_weights_option, resolve_name, split_anchor_names
 from snexport.errors import WeightsError
 
 
@@ -44,7 +44,7 @@ def test_missing_corrupt_and_mismatched_weights(tmp_path):
 
 
 def test_no_weights_offline_names_both_fixes(monkeypatch):
-    import snexport.anchors as anchors
+    import snexport.families.registry as anchors
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub access; make that explicit for any machine
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from snexport.builddir import BuildDir
+from snexport.stitching.store import BuildDir
 from snexport.errors import BuildDirError
-from snexport.stages import stitch_stage
+from snexport.stitching.stage import stitch_stage
 
 DEMO = ["demo_s", "demo_m", "demo_l"]
 
@@ -69,7 +69,7 @@ def test_weights_roundtrip_through_the_build(arch_build):
 
 
 def test_random_init_accuracy_is_unknown_and_eval_resumes(arch_build):
-    from snexport.evaluate import evaluate_build
+    from snexport.evaluation.evaluate import evaluate_build
 
     results = evaluate_build(arch_build, ["demo_s", "demo_s:0>demo_m:0"], show_progress=False)
     assert all(r.top1 is None and r.samples == 0 for r in results)

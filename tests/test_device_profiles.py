@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from snexport import device_profiles
-from snexport.device_profiles import (
+from snexport.device import profiles as device_profiles
+from snexport.device.profiles import (
     HardwareFacts,
     MeasurementSettings,
     list_profiles,
@@ -145,7 +145,7 @@ def test_schema_tables_match_dataclasses():
 
 
 def test_installed_wheel_location_searched_first(tmp_path, monkeypatch):
-    package_dir = Path(device_profiles.__file__).resolve().parent
+    package_dir = Path(device_profiles.__file__).resolve().parent.parent  # snexport/
     assert device_profiles._search_dirs() == [package_dir / "_profiles", package_dir.parent / "profiles"]
     # A wheel's copy wins over a checkout's copy of the same name.
     wheel, repo = tmp_path / "_profiles", tmp_path / "profiles"
@@ -161,7 +161,7 @@ def test_installed_wheel_location_searched_first(tmp_path, monkeypatch):
 
 def test_importing_device_profiles_is_light():
     code = (
-        "import sys, snexport.device_profiles as d\n"
+        "import sys, snexport.device.profiles as d\n"
         "d.load_profile('x86-cpu')\n"
         "print(','.join(m for m in ('torch', 'numpy', 'onnxruntime') if m in sys.modules))\n"
     )

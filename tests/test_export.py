@@ -434,8 +434,17 @@ def test_stage_exports_validates_and_records_every_stitch(tmp_path):
     assert len(a.versions["settings_hash"]) == 64
     meta = read_metadata(tmp_path / a.file)
     assert meta["snexport.stitch_id"] == "tiny_a:0>tiny_b:1" and json.loads(meta["snexport.route"])["back"] == "tiny_b"
-    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir() if p.is_file()) == sorted(
         ["tiny_a.onnx", "tiny_a.0+tiny_b.1.onnx", "tiny_b.onnx"])
+    # Shipped reference: the validation inputs once, and each stitch's PyTorch logits, hashed in its record.
+    ref = a.reference
+    inputs, logits = np.load(tmp_path / ref["inputs"]), np.load(tmp_path / ref["logits"])
+    assert inputs.shape == (8 + 3, *SHAPE) and np.array_equal(inputs[8:], calib)
+    assert ref["logits_sha256"] == sha256_file(tmp_path / ref["logits"])
+    module = mat(a.stitch_id).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, module(torch.from_numpy(inputs)).numpy(), rtol=1e-5, atol=1e-5)
+    assert len({x.reference["inputs"] for x in arts}) == 1  # one inputs file serves every stitch
 
 
 def test_stage_resume_redoes_exactly_the_corrupt_and_missing_files(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import jsonschema
 import pytest
 
-from snexport import manifest as mf
+from snexport.device import manifest as mf
 from snexport.errors import ManifestError
 
 SHA_A, SHA_B, SHA_W = "a" * 64, "b" * 64, "c" * 64
@@ -246,7 +246,7 @@ def test_merge_refuses_unknown_stitches_and_bad_records():
 
 
 def test_device_key_is_stable_across_volatile_state_and_changes_with_identity():
-    from snexport.profiling import device_fingerprint
+    from snexport.device.profiling import device_fingerprint
 
     fp = device_fingerprint()
     key = mf.device_key(fp, "x86-cpu")
@@ -369,13 +369,13 @@ def test_json_equality_rules_match_jsonschema():
 def test_schema_ships_inside_the_package():
     from importlib import resources
 
-    assert resources.files("snexport").joinpath("manifest.schema.json").is_file()
+    assert resources.files("snexport.device").joinpath("manifest.schema.json").is_file()
     assert mf.load_schema()["$schema"].endswith("2020-12/schema")
 
 
 def test_manifest_and_selector_import_only_the_standard_library():
     code = (
-        "import sys, snexport.manifest, snexport.selector\n"
+        "import sys, snexport.device.manifest, snexport.device.selector\n"
         "heavy = {'torch', 'numpy', 'onnxruntime', 'jsonschema', 'timm', 'onnx', 'tensorrt'} & set(sys.modules)\n"
         "print(sorted(heavy))\n"
     )

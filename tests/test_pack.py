@@ -18,20 +18,20 @@ import pytest
 from onnx import numpy_helper
 
 from snexport.errors import ExportValidationError, ManifestError, WeightsError
-from snexport.export.pack import (
+from snexport.device.pack import (
     DEFAULT_MIN_BYTES,
     SMALL_ALIGN,
     PackError,
-    pack_stitches,
     read_pack_index,
     tensor_layout,
     verify_weights_file,
     write_pack,
 )
+from snexport.export.pack import pack_stitches
 from snexport.export.validate import run_onnx
-from snexport.manifest import write_manifest
-from snexport.runtime.onnxruntime_runner import OnnxRuntimeRunner, WeightsFileMap
-from snexport.selector import Selector, SelectorWarning
+from snexport.device.manifest import write_manifest
+from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner, WeightsFileMap
+from snexport.device.selector import Selector, SelectorWarning
 
 DEMO = ["demo_s", "demo_m", "demo_l"]
 ALIGN = 4096  # small enough that the demo's larger matrices (up to 64 KiB) are "large" and page-aligned
@@ -42,7 +42,7 @@ DEVICE = "test-cpu-pack"
 def build(tmp_path_factory):
     """A random-init demo build with anchors and five stitches exported (fast exporter) and packed."""
     from snexport.export.stage import export_stitches
-    from snexport.stages import stitch_stage
+    from snexport.stitching.stage import stitch_stage
 
     root = tmp_path_factory.mktemp("pack") / "b"
     bd, _ = stitch_stage(root, DEMO, random_init=True, show_progress=False, calib_images=16)
@@ -240,7 +240,7 @@ def test_a_packed_file_that_disagrees_is_not_committed(build, tmp_path, monkeypa
 
 def manifest_for(root: Path, plan, arts, name: str, memory=None) -> Path:
     """A manifest listing ``arts``, with measurements set by the test (choose() is a pure function of them)."""
-    from snexport.pipeline import engine_entry
+    from snexport.export.deploy import engine_entry
 
     engines = []
     for i, a in enumerate(arts):
@@ -363,7 +363,7 @@ def test_memory_cost_counts_the_shared_file_once(build):
 
 @pytest.fixture(scope="module")
 def optimized(build):
-    from snexport.export.pack import optimize_pack
+    from snexport.device.pack import optimize_pack
 
     return optimize_pack(build["root"], fp32(build["standalone"]), align=ALIGN)
 
@@ -382,8 +382,8 @@ def prepacked_ranges(path: Path) -> list[tuple]:
 
 
 def test_optimized_pack_shares_weights_and_prepacked_blobs(build, optimized):
-    from snexport.export.pack import ORT_PACK_DIR
-    from snexport.runtime.onnxruntime_runner import check_ort_pack, ort_pack_identity
+    from snexport.device.pack import ORT_PACK_DIR
+    from snexport.device.runtime.onnxruntime_runner import check_ort_pack, ort_pack_identity
 
     root = build["root"]
     assert len({a.weights_file for a in optimized}) == 1
@@ -422,7 +422,7 @@ def test_onnx_runtime_reads_the_prepacked_blobs_from_the_shared_file(build, opti
 def test_selector_opens_optimized_packs_plainly_and_refuses_another_machine(build, optimized, monkeypatch):
     import json
 
-    import snexport.runtime.onnxruntime_runner as rt
+    import snexport.device.runtime.onnxruntime_runner as rt
     from snexport.errors import BackendUnavailableError
 
     root, plan = build["root"], build["plan"]
@@ -448,7 +448,7 @@ def test_selector_opens_optimized_packs_plainly_and_refuses_another_machine(buil
 
 def test_a_device_can_optimize_the_shipped_portable_pack(build):
     """Ship the small portable pack, optimize on the device: sources with external data are read through."""
-    from snexport.export.pack import optimize_pack
+    from snexport.device.pack import optimize_pack
 
     root = build["root"]
     portable = fp32(build["packed"])[:3]

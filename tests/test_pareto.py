@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from snexport.pareto import dominates, pareto_front, select_candidates
+from snexport.device.pareto import dominates, pareto_front, select_candidates
 from snexport.records import EvalResult
 
 ACC_COST = {"top1": "max", "gflops": "min"}
@@ -186,7 +186,7 @@ def test_select_refuses_records_without_the_cost():
 
 
 def test_importing_pareto_does_not_import_torch():
-    code = "import sys, snexport.pareto; sys.exit(1 if 'torch' in sys.modules or 'numpy' in sys.modules else 0)"
+    code = "import sys, snexport.device.pareto; sys.exit(1 if 'torch' in sys.modules or 'numpy' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

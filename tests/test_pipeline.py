@@ -40,7 +40,7 @@ def built(demo_build, quick_profile, tmp_path_factory):
     """run_build on a copy of the LS-initialised demo build (no fine-tuning, to keep the suite short)."""
     import shutil
 
-    from snexport.workflow import BuildOptions, run_build
+    from snexport.pipeline.run import BuildOptions, run_build
 
     out = tmp_path_factory.mktemp("pipeline") / "build"
     shutil.copytree(demo_build.root, out)
@@ -52,7 +52,7 @@ def built(demo_build, quick_profile, tmp_path_factory):
 
 
 def test_build_runs_every_stage_and_writes_a_valid_manifest(built):
-    from snexport.manifest import read_manifest
+    from snexport.device.manifest import read_manifest
 
     build = built["build"]
     assert built["profiled"] and "(unchanged, skipped)" in built["lines"][0]
@@ -75,7 +75,7 @@ def test_build_runs_every_stage_and_writes_a_valid_manifest(built):
 
 
 def test_report_plot_and_summary(built):
-    from snexport.report import write_report
+    from snexport.device.report import write_report
 
     files = write_report(built["build"], built["manifest"], built["device_key"])
     assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -84,8 +84,8 @@ def test_report_plot_and_summary(built):
 
 
 def test_selector_follows_the_budget(built):
-    from snexport.selector import Selector
-    from snexport.workflow import selector_demo
+    from snexport.device.selector import Selector
+    from snexport.pipeline.run import selector_demo
 
     shown = selector_demo(built["build"], say=lambda *_: None)
     assert len(shown) == 3
@@ -99,9 +99,9 @@ def test_selector_follows_the_budget(built):
 def test_rebench_replaces_this_device_and_keeps_others(built, quick_profile):
     import copy
 
-    from snexport.bench import bench_stage
-    from snexport.device_profiles import load_profile
-    from snexport.manifest import read_manifest, write_manifest
+    from snexport.device.bench import bench_stage
+    from snexport.device.profiles import load_profile
+    from snexport.device.manifest import read_manifest, write_manifest
 
     build = built["build"]
     manifest = read_manifest(build.manifest_path)
@@ -124,7 +124,7 @@ def test_rebench_replaces_this_device_and_keeps_others(built, quick_profile):
 def test_missing_engine_is_excluded_and_selector_keeps_working(built, tmp_path):
     import shutil
 
-    from snexport.selector import Selector
+    from snexport.device.selector import Selector
 
     copy_root = tmp_path / "b"
     shutil.copytree(built["build"].root, copy_root)
@@ -142,7 +142,7 @@ def test_missing_engine_is_excluded_and_selector_keeps_working(built, tmp_path):
 def test_target_without_its_runtime_stops_after_export(built, tmp_path):
     import shutil
 
-    from snexport.workflow import BuildOptions, run_build
+    from snexport.pipeline.run import BuildOptions, run_build
 
     pytest.importorskip("onnxruntime")
     try:
@@ -160,15 +160,15 @@ def test_target_without_its_runtime_stops_after_export(built, tmp_path):
                                     epochs=0), say=lines.append, show_progress=False)
     assert not result["profiled"] and "snexport bench" in lines[-1]
     assert all(e["measurements"] == {} for e in result["manifest"]["engines"])  # not yet profiled
-    from snexport.bench import bench_stage
-    from snexport.device_profiles import load_profile
+    from snexport.device.bench import bench_stage
+    from snexport.device.profiles import load_profile
 
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
         bench_stage(result["build"], load_profile("jetson-orin"), show_progress=False)
 
 
 def test_export_of_unknown_stitch_lists_valid_ids(built):
-    from snexport.pipeline import export_stage
+    from snexport.export.deploy import export_stage
 
     with pytest.raises(UnknownStitchError, match="Valid ids"):
         export_stage(built["build"], "demo_s:0>demo_m:99", show_progress=False)
@@ -188,7 +188,7 @@ def test_cli_select_by_latency_and_budget(built):
 
 
 def test_selector_runs_engines_with_the_measured_thread_count(built):
-    from snexport.selector import Selector
+    from snexport.device.selector import Selector
 
     with Selector(built["build"].manifest_path, mode="on_demand", cache_size=1) as sel:
         assert sel._measured_runner_options() == {"threads": 1}  # the quick profile measured with 1 thread
@@ -198,7 +198,7 @@ def test_selector_runs_engines_with_the_measured_thread_count(built):
 
 
 def test_plot_axes_fit_what_is_known(built):
-    from snexport.report import _points, plot_axes
+    from snexport.device.report import _points, plot_axes
 
     rows = _points(built["manifest"], built["device_key"])
     assert plot_axes(rows) == (("latency", "measured latency p50 (ms)"), ("top1", "top-1 accuracy (%)"))
@@ -214,15 +214,16 @@ def test_plot_axes_fit_what_is_known(built):
 def built_copy(built, tmp_path):
     import shutil
 
-    from snexport.builddir import BuildDir
+    from snexport.stitching.store import BuildDir
 
     shutil.copytree(built["build"].root, tmp_path / "b")
     return BuildDir(tmp_path / "b")
 
 
 def test_deployment_follows_the_last_export_only(built_copy, quick_profile):
-    from snexport.device_profiles import load_profile
-    from snexport.pipeline import deployable, export_stage
+    from snexport.device.profiles import load_profile
+    from snexport.device.deployset import deployable
+    from snexport.export.deploy import export_stage
 
     profile = load_profile(quick_profile)
     before = {a.stitch_id for a in deployable(built_copy, profile)}
@@ -236,9 +237,10 @@ def test_deployment_follows_the_last_export_only(built_copy, quick_profile):
 def test_incomplete_pack_falls_back_to_standalone_files(built_copy, quick_profile):
     import shutil
 
-    from snexport.device_profiles import load_profile
-    from snexport.export.pack import PACK_DIR
-    from snexport.pipeline import current_exports, deployable, prepare_pack
+    from snexport.device.profiles import load_profile
+    from snexport.device.pack import PACK_DIR
+    from snexport.device.bench import prepare_pack
+    from snexport.device.deployset import current_exports, deployable
 
     profile = load_profile(quick_profile)
     shutil.rmtree(built_copy.root / "engines" / "pack-ort")
@@ -252,10 +254,10 @@ def test_incomplete_pack_falls_back_to_standalone_files(built_copy, quick_profil
 
 
 def test_corrupt_candidates_and_changed_weights(built_copy, quick_profile):
-    from snexport.bench import bench_stage
-    from snexport.device_profiles import load_profile
+    from snexport.device.bench import bench_stage
+    from snexport.device.profiles import load_profile
     from snexport.errors import BuildDirError
-    from snexport.pipeline import resolve_stitches
+    from snexport.export.deploy import resolve_stitches
 
     built_copy.candidates_path.write_text('{"by":')
     assert resolve_stitches(built_copy, "pareto")  # a corrupt selection is redone, not a traceback

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from snexport.anchors import describe_anchor, describe_anchors
+from snexport.families.registry import describe_anchor, describe_anchors
 from snexport.errors import IncompatibleAnchorsError, UnknownModelError, UnknownStitchError
 from snexport.stitching.plan import PlanSettings, paired_pairs, plan_stitches, unpaired_pairs
 

@@ -14,9 +14,9 @@ from importlib import metadata
 
 import pytest
 
-from snexport import profiling
+from snexport.device import profiling
 from snexport.errors import ProfileError
-from snexport.profiling import (
+from snexport.device.profiling import (
     CudaMemoryDelta,
     PeakRSSSampler,
     device_fingerprint,
@@ -226,7 +226,7 @@ def test_profile_engine_from_path(matmul_onnx):
 
 
 def test_profile_engine_from_factory_closes_runner(matmul_onnx):
-    from snexport.runtime import OnnxRuntimeRunner
+    from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
     made = []
 
@@ -240,7 +240,7 @@ def test_profile_engine_from_factory_closes_runner(matmul_onnx):
 
 
 def test_settings_resolution():
-    from snexport.device_profiles import load_profile
+    from snexport.device.profiles import load_profile
 
     profile = load_profile("x86-cpu")
     cfg = resolve_settings(profile)
@@ -253,7 +253,7 @@ def test_settings_resolution():
 
 def test_measure_switch(matmul_onnx):
     np = pytest.importorskip("numpy")
-    from snexport.runtime import open_runner
+    from snexport.device.runtime import open_runner
 
     x = np.ones((1, 64), np.float32)
     with open_runner(matmul_onnx, threads=1) as a, open_runner(matmul_onnx, threads=1) as b:
@@ -280,7 +280,7 @@ def test_measurement_record_is_a_json_line(matmul_onnx):
 def test_profiling_and_profiles_import_nothing_heavy():
     code = (
         "import sys\n"
-        "import snexport.runtime, snexport.profiling as p, snexport.device_profiles as d\n"
+        "import snexport.device.runtime, snexport.device.profiling as p, snexport.device.profiles as d\n"
         "p.device_fingerprint(); d.load_profile('jetson-orin'); d.list_profiles()\n"
         "p.measure_latency(lambda: None, warmup=1, iterations=3, min_duration_s=0)\n"
         "with p.PeakRSSSampler(): pass\n"

@@ -12,15 +12,10 @@ np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
 
 from snexport.errors import BackendUnavailableError, BuildDirError, ProfileError, WeightsError  # noqa: E402
-from snexport.runtime import (  # noqa: E402
-    OnnxRuntimeRunner,
-    Runner,
-    TensorRTRunner,
-    TorchRunner,
-    backend_for_path,
-    check_engine_version,
-    open_runner,
-)
+from snexport.device.runtime import Runner, backend_for_path, open_runner  # noqa: E402
+from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+from snexport.device.runtime.tensorrt_runner import TensorRTRunner, check_engine_version  # noqa: E402
+from snexport.device.runtime.torch_runner import TorchRunner  # noqa: E402
 
 INPUT_SHAPE = (1, 1, 8, 8)
 HAS_CUDA = torch.cuda.is_available()
@@ -261,9 +256,9 @@ def test_tensorrt_runner_matches_torch(vit, vit_onnx, x, tmp_path):
 
 def test_importing_runtime_pulls_in_no_runtime():
     code = (
-        "import sys, snexport.runtime\n"
+        "import sys, snexport.device.runtime\n"
         "heavy = [m for m in ('torch', 'numpy', 'onnxruntime', 'tensorrt', 'onnx') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "", f"importing snexport.runtime imported {out}"
+    assert out == "", f"importing snexport.device.runtime imported {out}"

@@ -22,9 +22,9 @@ import pytest
 
 from snexport.errors import BudgetError, ManifestError
 from snexport.hashing import sha256_file
-from snexport.manifest import device_key, write_manifest
-from snexport.runtime import open_runner
-from snexport.selector import FeedbackConfig, Selector, SelectorWarning
+from snexport.device.manifest import device_key, write_manifest
+from snexport.device.runtime import open_runner
+from snexport.device.selector import FeedbackConfig, Selector, SelectorWarning
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "test-cpu-0000"

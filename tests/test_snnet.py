@@ -68,7 +68,7 @@ def test_ls_init_fits_front_to_back_activations(random_snnet):
     # Random init would leave a large residual; LS must beat a zero map by a wide margin on the fitted data.
     s = next(s for s in net.plan.stitch_only if s.cut == 0 and s.resume == 0)
     front, back = net.anchors[0], net.anchors[1]
-    from snexport.stitching.snnet import ViTEmbedding
+    from snexport.families.vit_modules import ViTEmbedding
 
     with torch.no_grad():
         xf = front.blocks[0](ViTEmbedding(front)(images))
@@ -80,7 +80,7 @@ def test_ls_init_fits_front_to_back_activations(random_snnet):
 
 def test_ls_init_stitches_beat_chance_on_trained_demo(demo_build):
     """The spec's promise: right after LS init, before training, stitches are far better than chance (10%)."""
-    from snexport.evaluate import evaluate_build
+    from snexport.evaluation.evaluate import evaluate_build
 
     results = {r.stitch_id: r for r in evaluate_build(demo_build, show_progress=False)}
     stitches = [r for r in results.values() if ">" in r.stitch_id]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from snexport.errors import BackendUnavailableError, SnexportError
-from snexport.export.tensorrt_build import build_engine, plan_build, validate_engine
+from snexport.device.tensorrt_build import build_engine, plan_build, validate_engine
 
 
 def _has_tensorrt_gpu() -> bool:

@@ -1,4 +1,4 @@
-"""TensorRT engine packs as shared segments (snexport.export.tensorrt_pack).
+"""TensorRT engine packs as shared segments (snexport.experimental.tensorrt_segments).
 
 The segment plan and the segment ONNX files are checked everywhere (a stitch's chain of segments, run in ONNX
 Runtime, must equal the PyTorch stitch); building and running the TensorRT engines needs TensorRT and a GPU and
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from snexport.export.tensorrt_pack import (
+from snexport.experimental.tensorrt_segments import (
     OrtSegmentChain,
     Segment,
     SegmentPlan,
@@ -109,7 +109,7 @@ def _tensorrt_and_gpu():
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_tensorrt_segment_chains_match_onnx_runtime(random_snnet, tmp_path, cuda_graph):
     _tensorrt_and_gpu()
-    from snexport.export.tensorrt_pack import SegmentChainRunner, SegmentEnginePool, build_segment_engines
+    from snexport.experimental.tensorrt_segments import SegmentChainRunner, SegmentEnginePool, build_segment_engines
 
     ids = chosen(random_snnet.plan)[:4]
     index = export_segments(tmp_path, random_snnet, ids)

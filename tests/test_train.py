@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from snexport.builddir import BuildDir
+from snexport.stitching.store import BuildDir
 from snexport.errors import BuildDirError
-from snexport.train import ConfigSampler, TrainSettings, flops_groups, train_build
+from snexport.training.train import ConfigSampler, TrainSettings, flops_groups, train_build
 
 DEMO = ["demo_s", "demo_m", "demo_l"]
 FAST = dict(batch_size=256, lr=2e-3)  # 6 steps per epoch on the digits train split
@@ -20,7 +20,7 @@ FAST = dict(batch_size=256, lr=2e-3)  # 6 steps per epoch on the digits train sp
 
 @pytest.fixture
 def fresh_build(tmp_path):
-    from snexport.stages import stitch_stage
+    from snexport.stitching.stage import stitch_stage
 
     build, _ = stitch_stage(tmp_path / "b", DEMO, random_init=True, show_progress=False)
     return build

@@ -35,22 +35,29 @@ def bench_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON.")] = False,
 ):
     """Build engines if needed, measure latency/memory/load/switch per engine, re-select, update the manifest."""
-    from snexport.bench import bench_stage
-    from snexport.builddir import BuildDir
+    from snexport.buildfiles import BuildFiles
     from snexport.cli.common import print_json
-    from snexport.device_profiles import load_profile
-    from snexport.pipeline import default_target
-    from snexport.report import write_report
+    from snexport.device.bench import bench_stage, bundle_target
+    from snexport.device.profiles import load_profile
+    from snexport.device.report import write_report
+    from snexport.device.runtime.backends import default_target
 
-    build = BuildDir(build_dir).require()
-    profile = load_profile(target or build.info().get("target") or default_target())
-    result = bench_stage(build, profile)
-    files = write_report(build, result["manifest"], result["device_key"])
+    build = BuildFiles(build_dir).require_deployable()
+    profile = load_profile(target or build.info().get("target") or bundle_target(build) or default_target())
+    factory = None
+    if profile.backend == "torch" and not build.is_bundle:
+        from snexport.pipeline.run import module_factory
+        from snexport.stitching.store import BuildDir
+
+        factory = module_factory(BuildDir(build.root), profile)
+    result = bench_stage(build, profile, module_factory=factory)
+    report = write_report(build, result["manifest"], result["device_key"])
     if as_json:
         print_json({k: result[k] for k in ("device_key", "pareto", "measurements")})
         return
     out.print(show_measurements(result, f"{result['engines']} engines on {result['device_key']}"))
-    out.print(f"manifest: {build.manifest_path}\nplot: {files['plot']}")
+    out.print(f"manifest: {build.manifest_path}")
+    out.print(f"plot: {report['plot']}" if report.get("plot") else report["note"])
 
 
 def register(app: typer.Typer) -> None:

@@ -26,24 +26,24 @@ def build_cmd(
     stitches: Annotated[str, typer.Option(help="What to export: 'pareto', 'all', or ids.")] = "pareto",
 ):
     """Run every stage in order, skipping those whose inputs are unchanged; end with the selector switching."""
-    from snexport.anchors import parse_weights_option, split_anchor_names
-    from snexport.pipeline import default_target
-    from snexport.report import write_report
-    from snexport.workflow import BuildOptions, run_build, selector_demo
+    from snexport.families.registry import parse_weights_option, split_anchor_names
+    from snexport.device.runtime.backends import default_target
+    from snexport.device.report import write_report
+    from snexport.pipeline.run import BuildOptions, run_build, selector_demo
 
     opts = BuildOptions(out=out_dir, anchors=split_anchor_names(anchors), target=target or default_target(),
                         weights=parse_weights_option(weights), random_init=random_init, data=data, epochs=epochs,
                         stitches=stitches)
     result = run_build(opts, say=out.print)
     build = result["build"]
-    files = write_report(build, result["manifest"], result.get("device_key"))
+    report = write_report(build, result["manifest"], result.get("device_key"))
     if result["profiled"]:
         from snexport.cli.cmd_bench import show_measurements
 
         out.print(show_measurements(result["bench"], f"Engines on {result['device_key']}"))
         out.print("Selector (the part an edge app embeds), switching as the latency budget moves:")
         selector_demo(build, say=out.print)
-    out.print(f"manifest: {build.manifest_path}\nreport: {files['plot']}, {files['summary']}")
+    out.print(f"manifest: {build.manifest_path}\n{report['note']}")
 
 
 def register(app: typer.Typer) -> None:

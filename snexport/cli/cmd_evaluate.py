@@ -30,8 +30,8 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines' content as one list.")] = False,
 ):
     """Evaluate configurations into eval.jsonl (resumable: finished ones are skipped)."""
-    from snexport.builddir import BuildDir
-    from snexport.evaluate import evaluate_build
+    from snexport.stitching.store import BuildDir
+    from snexport.evaluation.evaluate import evaluate_build
 
     build = BuildDir(build_dir).require()
     ids = [s.strip() for s in stitches.split(",") if s.strip()] if stitches else None

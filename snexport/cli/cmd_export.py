@@ -27,8 +27,9 @@ def export_cmd(
                                                  "distinct tensor stored once (default for ONNX Runtime).")] = None,
 ):
     """Export, simplify and validate each stitch against PyTorch; record every file in exports.json."""
-    from snexport.builddir import BuildDir
-    from snexport.pipeline import engines_stage, export_stage
+    from snexport.stitching.store import BuildDir
+    from snexport.device.tensorrt_build import engines_stage
+    from snexport.export.deploy import export_stage
 
     build = BuildDir(build_dir).require()
     if fmt not in ("onnx", "tensorrt"):
@@ -37,13 +38,13 @@ def export_cmd(
         raise SnexportError(f"--format must be onnx or tensorrt, not {fmt!r}")
     profile = None
     if fmt == "tensorrt":
-        from snexport.device_profiles import load_profile
+        from snexport.device.profiles import load_profile
 
         profile = load_profile(target)
         fp16 = fp16 or profile.precision == "fp16"
     pack = (fmt == "onnx") if pack is None else pack
     arts = export_stage(build, stitches, opset=opset, simplifier=simplifier, batch=batch, exporter=exporter, fp16=fp16,
-                        pack=pack)
+                        pack=pack, profile=profile)
     from rich.table import Table
 
     t = Table(title=f"{len(arts)} ONNX files in {build.engines_dir}")
@@ -61,7 +62,7 @@ def export_cmd(
         out.print(f"{len(engines)} TensorRT engines built ({profile.precision}) in {build.engines_dir}")
     else:
         if pack:
-            from snexport.export.pack import read_pack_index
+            from snexport.device.pack import read_pack_index
 
             for precision, w in (read_pack_index(build.root) or {}).get("weights", {}).items():
                 out.print(f"pack ({precision}): {w}")

@@ -19,7 +19,7 @@ def plan_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
     """Enumerate every stitch of the anchors with its route, FLOPs (paper convention) and params."""
-    from snexport.anchors import describe_anchors, split_anchor_names
+    from snexport.families.registry import describe_anchors, split_anchor_names
     from snexport.stitching.plan import PlanSettings, plan_stitches
 
     plan = plan_stitches(describe_anchors(split_anchor_names(anchors)), PlanSettings(window, stride, nearest, two_way))

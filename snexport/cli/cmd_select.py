@@ -22,11 +22,11 @@ def select_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Write and print the Pareto candidates; with --latency-ms/--memory-mb, ask the selector instead."""
-    from snexport.builddir import BuildDir
+    from snexport.stitching.store import BuildDir
 
     build = BuildDir(build_dir).require()
     if latency_ms is not None or memory_mb is not None:
-        from snexport.selector import Selector
+        from snexport.device.selector import Selector
 
         with Selector(build.manifest_path, percentile=percentile, mode="on_demand", cache_size=1) as sel:
             info = sel.choose(latency_ms=latency_ms, memory_mb=memory_mb, strict=strict)
@@ -37,7 +37,7 @@ def select_cmd(
             out.print(f"{info.stitch_id}: top-1 {fmt_acc(info.top1)}, {percentile} "
                       f"{info.latency_ms:.3f} ms, {info.memory_mb:.1f} MB  ({info.file})")
         return
-    from snexport.selection import select_stage
+    from snexport.selection.select import select_stage
 
     doc = select_stage(build, by=by, stitches=stitches)
     if as_json:

@@ -28,8 +28,8 @@ def stitch_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace a different build in --out.")] = False,
 ):
     """Plan the stitches, load the anchors, least-squares-init every stitching layer, save the build."""
-    from snexport.anchors import parse_weights_option, split_anchor_names
-    from snexport.stages import stitch_stage
+    from snexport.families.registry import parse_weights_option, split_anchor_names
+    from snexport.stitching.stage import stitch_stage
     from snexport.stitching.plan import PlanSettings
 
     build, info = stitch_stage(out_dir, split_anchor_names(anchors), parse_weights_option(weights), random_init,

@@ -32,8 +32,8 @@ def train_cmd(
 
     Multi-process: `torchrun --nproc_per_node 2 -m snexport.cli.app train BUILD` (gloo on CPU, nccl on GPU).
     """
-    from snexport.builddir import BuildDir
-    from snexport.train import TrainSettings, train_build
+    from snexport.stitching.store import BuildDir
+    from snexport.training.train import TrainSettings, train_build
 
     build = BuildDir(build_dir).require()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, anchor_lr_scale=anchor_lr_scale,

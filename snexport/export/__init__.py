@@ -8,7 +8,7 @@ from snexport.export.fp16 import cast_to_fp16
 from snexport.export.onnx_export import INPUT_NAME, MIN_OPSET, OUTPUT_NAME, export_onnx, read_metadata
 from snexport.export.simplify import simplifier_version, simplify
 from snexport.export.stage import ExportStageError, export_stitches, safe_file_stem
-from snexport.export.tensorrt_build import build_engine, validate_engine
+from snexport.device.tensorrt_build import build_engine, validate_engine
 from snexport.export.trt_compat import check_tensorrt_compat
 from snexport.export.validate import FP16_GATES, FP32_GATES, validate_fp16_onnx, validate_onnx
 

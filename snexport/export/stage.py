@@ -31,15 +31,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from snexport import buildfiles as files
 from snexport.errors import BuildDirError, SnexportError
-from snexport.hashing import TMP_SUFFIX, atomic_write_json, commit, sha256_bytes, sha256_file, sha256_json, temp_path_for
+from snexport.hashing import (TMP_SUFFIX, atomic_path, atomic_write_json, commit, sha256_bytes, sha256_file,
+                              sha256_json, temp_path_for)
 from snexport.records import Artifact, Stitch
 
 log = logging.getLogger("snexport.export")
 
 FORMATS = ("onnx", "onnx-fp16")
-ENGINES_DIR = "engines"
-EXPORTS_FILE = "exports.json"
+ENGINES_DIR = files.ENGINES_DIR
+EXPORTS_FILE = files.EXPORTS
 # Bump when this stage starts producing different files for the same settings: forces a re-export.
 STAGE_VERSION = 1
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -207,6 +209,7 @@ def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info
 
     module = materialize(stitch.id)
     reference = reference_logits(module, inputs)
+    shipped = write_reference(build_dir, stitch.id, inputs, reference)
     made: list[Artifact] = []
     temps: list[Path] = []
     try:
@@ -232,7 +235,7 @@ def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info
                 tensorrt_compat={k: compat[k] for k in ("ok", "target", "unsupported", "warnings")},
                 inputs=inputs_info,
             )
-            art32 = _artifact(build_dir, stitch.id, rel32, "fp32", info, simplifier_name, figures, hash32)
+            art32 = _artifact(build_dir, stitch.id, rel32, "fp32", info, simplifier_name, figures, hash32, shipped)
         made.append(art32)
 
         if "fp16" in wanted:
@@ -254,11 +257,33 @@ def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info
                 }
                 figures16.update(source_onnx=rel32, inputs=inputs_info)
                 made.append(_artifact(build_dir, stitch.id, rel16, "fp16", info16, art32.simplifier, figures16,
-                                      hash16, source_sha256=art32.sha256))
+                                      hash16, shipped, source_sha256=art32.sha256))
         return made
     finally:
         for t in temps:
             t.unlink(missing_ok=True)
+
+
+def write_reference(build_dir: Path, stitch_id: str, inputs, logits) -> dict:
+    """Ship the validation inputs (one file per input set, shared by every stitch) and this stitch's FP32 PyTorch
+    logits, so a device validates the engines it builds without torch (snexport.device.tensorrt_build)."""
+    import numpy as np
+
+    ref_dir = build_dir / files.REFERENCE_DIR
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, rel, array in (
+        ("inputs", f"{files.REFERENCE_DIR}/inputs-{_array_digest(inputs)}.npy", inputs),
+        ("logits", f"{files.REFERENCE_DIR}/{safe_file_stem(stitch_id)}.logits.npy", logits),
+    ):
+        path = build_dir / rel
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not (key == "inputs" and path.is_file()):  # the shared inputs file is content-named: written once
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, array, allow_pickle=False)
+        out[key], out[f"{key}_sha256"] = rel, sha256_file(path)
+    return out
 
 
 def _strip(figures: dict) -> dict:
@@ -289,7 +314,7 @@ def _set_metadata_file(path: Path, metadata: dict) -> None:
     onnx.save(model, str(path))  # path is still a private temp file: rewriting it in place is safe
 
 
-def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figures, settings_hash,
+def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figures, settings_hash, reference: dict,
               source_sha256: str = "") -> Artifact:
     import onnxruntime
 
@@ -316,6 +341,7 @@ def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figur
         versions=versions,
         validation=figures,
         source_sha256=source_sha256,
+        reference=dict(reference),
     )
 
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from snexport import flops
+from snexport.families import flops
 from snexport.errors import IncompatibleAnchorsError, SettingsError, UnknownStitchError
 from snexport.records import AnchorSpec, Stitch
 
@@ -111,25 +111,22 @@ def stitch_id(front: str, cut: int, back: str, resume: int) -> str:
 
 
 def path_cost(front: AnchorSpec, back: AnchorSpec, cut: Optional[int], resume: Optional[int]) -> tuple[int, int, int]:
-    """(flops, params, blocks) of a route; cut/resume None means the anchor `front` on its own."""
-    n = front.num_tokens
-    patches = n - front.num_prefix_tokens
-    embed = flops.patch_embed_flops(patches, front.width, front.patch_size, front.in_chans)
+    """(flops, params, units) of a route; cut/resume None means the anchor `front` on its own.
+
+    Family-agnostic: stem + the units run + stitching layer + head, from the costs the family adapter recorded in
+    each AnchorSpec (paper convention, snexport.families.flops). The front's embedding is counted whole
+    (cls/position tokens included).
+    """
     if cut is None:
-        f = embed + front.depth * flops.block_flops(n, front.width, front.mlp_ratio)
-        f += flops.head_flops(n, front.width, front.num_classes)
-        return f, front.params, front.depth
-    front_blocks = cut + 1
-    back_blocks = back.depth - resume
-    f = embed
-    f += front_blocks * flops.block_flops(n, front.width, front.mlp_ratio)
-    f += flops.stitching_layer_flops(n, front.width, back.width)
-    f += back_blocks * flops.block_flops(n, back.width, back.mlp_ratio)
-    f += flops.head_flops(n, back.width, back.num_classes)
-    p = front.embed_params + front_blocks * front.block_params
-    p += flops.stitching_layer_params(front.width, back.width)
-    p += back_blocks * back.block_params + back.head_params
-    return f, p, front_blocks + back_blocks
+        return front.stem_flops + sum(front.unit_flops) + front.head_flops, front.params, front.depth
+    stage = front.unit_stage[cut]
+    f = front.stem_flops + sum(front.unit_flops[: cut + 1])
+    f += flops.stitching_layer_flops(front.stage_rows[stage], front.stage_widths[stage], back.stage_widths[stage])
+    f += sum(back.unit_flops[resume:]) + back.head_flops
+    p = front.embed_params + sum(front.unit_params[: cut + 1])
+    p += flops.stitching_layer_params(front.stage_widths[stage], back.stage_widths[stage])
+    p += sum(back.unit_params[resume:]) + back.head_params
+    return f, p, (cut + 1) + (back.depth - resume)
 
 
 @dataclass(frozen=True)

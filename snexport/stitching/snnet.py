@@ -1,7 +1,7 @@
 """The SN-Net: anchors plus stitching layers, routed per configuration, and `materialize` for export.
 
-Anchors stay timm VisionTransformer modules (so fine-tuned anchors save with timm's parameter names); every
-configuration is a `StitchedViT` route over shared submodules. `materialize(id)` deep-copies one route into a
+Anchors stay timm modules (so fine-tuned anchors save with timm's parameter names); every configuration is a
+`StitchedNet` route over shared submodules: the family adapter's stem, units and head (snexport.families.base). `materialize(id)` deep-copies one route into a
 standalone module with one fixed path: no "current stitch" state exists anywhere, so nothing leaks into export
 (the official SN-Net switches through mutable state).
 """
@@ -16,61 +16,12 @@ import torch
 from torch import nn
 
 from snexport.stitching.layers import assign_mean_solution, least_squares_solution, make_stitching_layer, pinv_with_bias
+from snexport.families.registry import family_of
 from snexport.stitching.plan import StitchPlan
 
 
-class ViTEmbedding(nn.Module):
-    """Patch embedding + cls/register tokens + position embedding of a timm VisionTransformer (static size)."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.patch_embed = vit.patch_embed
-        self.cls_token = vit.cls_token
-        self.reg_token = vit.reg_token
-        self.pos_embed = vit.pos_embed
-        self.pos_drop = vit.pos_drop
-        self.patch_drop = vit.patch_drop
-        self.norm_pre = vit.norm_pre
-        self.no_embed_class = bool(vit.no_embed_class)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.pos_embed is not None and self.no_embed_class:
-            x = x + self.pos_embed  # DeiT-III style: position embedding only on patch tokens
-        if prefix:
-            x = torch.cat(prefix + [x], dim=1)
-        if self.pos_embed is not None and not self.no_embed_class:
-            x = x + self.pos_embed
-        x = self.pos_drop(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
-
-
-class ViTHead(nn.Module):
-    """Final norm, pooling (cls token or mean of patch tokens), fc_norm and classifier."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.norm = vit.norm
-        self.fc_norm = vit.fc_norm
-        self.head_drop = vit.head_drop
-        self.head = vit.head
-        self.global_pool = vit.global_pool
-        self.num_prefix_tokens = int(vit.num_prefix_tokens)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        else:
-            x = x[:, 0]
-        return self.head(self.head_drop(self.fc_norm(x)))
-
-
-class StitchedViT(nn.Module):
-    """One configuration as a plain module: embed → front blocks → stitching layer → back blocks → head.
+class StitchedNet(nn.Module):
+    """One configuration as a plain module: stem → front units → stitching layer → back units → head.
 
     An anchor is the degenerate case with no stitching layer and no back blocks.
     """
@@ -118,7 +69,7 @@ class SNNet(nn.Module):
         # Routes share this module's parameters; kept in a plain dict so they are not registered twice. Rebuilt
         # whenever parameters may have been replaced (load_state_dict(assign=True)), since the embedding holds
         # the cls/pos Parameter objects themselves.
-        self._routes: dict[str, StitchedViT] = {s.id: self._route(s.id) for s in self.plan.stitches}
+        self._routes: dict[str, StitchedNet] = {s.id: self._route(s.id) for s in self.plan.stitches}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -133,18 +84,20 @@ class SNNet(nn.Module):
     def _key(self, front: str, back: str, layer: int) -> str:
         return layer_key(self._index[front], self._index[back], layer)
 
-    def _route(self, stitch_id: str) -> StitchedViT:
+    def _route(self, stitch_id: str) -> StitchedNet:
         s = self.plan.get(stitch_id)
+        fspec, bspec = self.plan.anchor(s.front), self.plan.anchor(s.back)
         front = self.anchors[self._index[s.front]]
         back = self.anchors[self._index[s.back]]
+        ffam, bfam = family_of(fspec), family_of(bspec)
         if s.is_anchor:
-            return StitchedViT(ViTEmbedding(front), list(front.blocks), None, [], ViTHead(front), s.id)
-        return StitchedViT(
-            ViTEmbedding(front),
-            list(front.blocks)[: s.cut + 1],
+            return StitchedNet(ffam.stem(front), ffam.units(front), None, [], ffam.head(front), s.id)
+        return StitchedNet(
+            ffam.stem(front),
+            ffam.units(front)[: s.cut + 1],
             self.stitch_layers[self._key(s.front, s.back, s.layer)],
-            list(back.blocks)[s.resume:],
-            ViTHead(back),
+            bfam.units(back)[s.resume:],
+            bfam.head(back),
             s.id,
         )
 
@@ -157,7 +110,7 @@ class SNNet(nn.Module):
             self.plan.get(stitch_id)  # raises UnknownStitchError with the valid ids
         return self._routes[stitch_id](x)
 
-    def materialize(self, stitch_id: str) -> StitchedViT:
+    def materialize(self, stitch_id: str) -> StitchedNet:
         """A standalone copy of one configuration, in eval mode, sharing nothing with the SN-Net."""
         if stitch_id not in self._routes:
             self.plan.get(stitch_id)
@@ -178,14 +131,15 @@ class SNNet(nn.Module):
         self.eval()
         # Collect per anchor: index 0 = embedding output, index b+1 = output of block b.
         acts: list[list[torch.Tensor]] = []
-        for vit in self.anchors:
-            embed = ViTEmbedding(vit)
-            chunks: list[list[torch.Tensor]] = [[] for _ in range(len(vit.blocks) + 1)]
+        for spec, model in zip(self.plan.anchors, self.anchors):
+            family = family_of(spec)
+            stem, units = family.stem(model), family.units(model)
+            chunks: list[list[torch.Tensor]] = [[] for _ in range(len(units) + 1)]
             for start in range(0, images.shape[0], batch_size):
-                x = embed(images[start:start + batch_size])
+                x = stem(images[start:start + batch_size])
                 chunks[0].append(x)
-                for b, blk in enumerate(vit.blocks):
-                    x = blk(x)
+                for b, unit in enumerate(units):
+                    x = unit(x)
                     chunks[b + 1].append(x)
             acts.append([torch.cat(c) for c in chunks])
         collect_s = time.perf_counter() - started

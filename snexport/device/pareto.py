@@ -1,0 +1,144 @@
+"""Pareto fronts over evaluated stitches: which stitches are worth exporting at all.
+
+Pure functions over records (dicts or objects such as ``EvalResult``); standard library only.
+
+Dominance: ``a`` dominates ``b`` iff ``a`` is at least as good as ``b`` in every objective and strictly better in at
+least one. Equal points therefore never dominate each other, so duplicates all stay on the front (two stitches with
+identical figures are both legitimate choices; the caller breaks ties).
+
+Unknown values (``None``, or NaN): an objective whose value is unknown on either of two records cannot be used to
+compare them, so dominance between that pair is decided on the objectives both records know. A record whose
+objectives are *all* unknown is never dominated and never dominates. So a record with an unknown accuracy can
+still be dominated on cost alone; when that is not what you want (it is not, for stitches of random-init anchors),
+use ``select_candidates``, which keeps records of unknown accuracy out of the front and flags them instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+DIRECTIONS = ("max", "min")
+
+
+def get_value(record: Any, name: str) -> Any:
+    """Read field ``name`` from a mapping (``record[name]``) or an object (``record.name``); missing → None."""
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def _known(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _check_objectives(objectives: Mapping[str, str]) -> None:
+    if not objectives:
+        raise ValueError("pareto_front needs at least one objective, e.g. {'top1': 'max', 'gflops': 'min'}")
+    bad = {k: v for k, v in objectives.items() if v not in DIRECTIONS}
+    if bad:
+        raise ValueError(f"objective directions must be 'max' or 'min'; got {bad}")
+
+
+def dominates(a: Any, b: Any, objectives: Mapping[str, str], key: Callable[[Any, str], Any] = get_value) -> bool:
+    """True iff ``a`` is no worse than ``b`` on every objective both know, and strictly better on one of them."""
+    strictly_better = False
+    for name, direction in objectives.items():
+        va, vb = key(a, name), key(b, name)
+        if not (_known(va) and _known(vb)):
+            continue  # not comparable on this objective: it neither helps nor hurts either record
+        if direction == "min":
+            va, vb = -va, -vb
+        if va < vb:
+            return False
+        if va > vb:
+            strictly_better = True
+    return strictly_better
+
+
+def pareto_front(
+    records: Iterable[Any],
+    objectives: Mapping[str, str],
+    key: Callable[[Any, str], Any] = get_value,
+) -> list:
+    """The non-dominated records, in their input order.
+
+    ``objectives`` maps a field name to ``"max"`` or ``"min"``, e.g. ``{"top1": "max", "gflops": "min"}``;
+    ``key(record, name)`` reads a value (default: mapping lookup or attribute). O(n²) comparisons, which is nothing
+    for the few hundred stitches an SN-Net has.
+    """
+    _check_objectives(objectives)
+    items = list(records)
+    return [
+        r for i, r in enumerate(items)
+        if not any(dominates(o, r, objectives, key) for j, o in enumerate(items) if j != i)
+    ]
+
+
+def select_candidates(
+    records: Sequence[Any],
+    by: str | Sequence[str] = "gflops",
+    accuracy_key: str = "top1",
+    key: Callable[[Any, str], Any] = get_value,
+) -> list[dict]:
+    """Stitches worth exporting: the accuracy-vs-cost Pareto front, or every stitch when accuracy is unknown.
+
+    ``by`` names the cost objective(s) to minimise ("gflops", "params", "latency_ms", ...). Returns one dict per
+    selected record, in input order: ``{"record": r, "accuracy_known": bool, "reason": str}``.
+
+    - accuracy known for every record → front over (accuracy max, costs min);
+    - accuracy known for none (random-init anchors, no dataset) → every record is a candidate, flagged
+      ``accuracy_known=False``: cost alone cannot say which stitch is better, and dropping all but the cheapest would
+      leave the device selector nothing to choose from;
+    - accuracy known for some → the known ones go through the front; the unknown ones are all kept and flagged,
+      for the same reason (we do not guess an accuracy).
+    """
+    costs = [by] if isinstance(by, str) else list(by)
+    if not costs:
+        raise ValueError("select_candidates needs at least one cost objective in `by`")
+    missing_cost = [get_id(r) for r in records if not all(_known(key(r, c)) for c in costs)]
+    if missing_cost:
+        raise ValueError(f"records without a value for {costs}: {missing_cost[:5]}; measure them or choose another `by`")
+
+    known = [r for r in records if _known(key(r, accuracy_key))]
+    objectives = {accuracy_key: "max", **{c: "min" for c in costs}}
+    on_front = {id(r) for r in pareto_front(known, objectives, key)}
+    picked = []
+    for r in records:
+        if not _known(key(r, accuracy_key)):
+            picked.append({"record": r, "accuracy_known": False, "reason": f"{accuracy_key} unknown; kept by cost only"})
+        elif id(r) in on_front:
+            picked.append({"record": r, "accuracy_known": True, "reason": f"on the {accuracy_key}/{'+'.join(costs)} front"})
+    return picked
+
+
+def get_id(record: Any) -> Optional[str]:
+    """Best-effort identifier for error messages (``stitch_id`` or ``id``)."""
+    return get_value(record, "stitch_id") or get_value(record, "id")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The measured front (bench and `select --by latency` share it)
+
+# Memory enters Pareto tests at 5 MB resolution: RSS deltas carry a few MB of allocator noise, which would
+# otherwise keep slower, less accurate engines on the front (tiny engines all round to 0).
+MEMORY_RESOLUTION_MB = 5.0
+
+
+def memory_for_pareto(memory_mb) -> float:
+    """An engine's memory cost (MB, see ``manifest.engine_memory_mb``) rounded to the Pareto resolution."""
+    mb = max(float(memory_mb or 0.0), 0.0)
+    return MEMORY_RESOLUTION_MB * round(mb / MEMORY_RESOLUTION_MB)
+
+
+def measured_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "top1",
+                   costs: Sequence[str] = ("latency_p50_ms", "memory_mb")) -> list[str]:
+    """Ids (``row["id"]``) of the engines on the measured front: accuracy up, measured latency and memory down.
+
+    With any accuracy unknown (random-init anchors) accuracy cannot rank engines, so the front is the
+    latency/memory front alone (rather than "every engine", which is what ``select_candidates`` keeps).
+    """
+    if rows and all(_known(r.get(accuracy_key)) for r in rows):
+        chosen = select_candidates(rows, by=list(costs), accuracy_key=accuracy_key)
+        return [c["record"]["id"] for c in chosen]
+    return [r["id"] for r in pareto_front(rows, {c: "min" for c in costs})]

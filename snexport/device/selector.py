@@ -1,0 +1,725 @@
+"""On-device selector: pick and switch stitched engines as the app's latency/memory budget changes.
+
+Reads a manifest (``manifest.json`` written by ``snexport build``/``bench``), checks the engine files against their
+hashes, and drives engines through the runner contract (``snexport.device.runtime``). Standard library only at import time:
+the runtime (onnxruntime, TensorRT) is imported by the runner factory when the first engine loads, so this runs on
+a device with Python, its inference runtime and ``pip install --no-deps snexport``.
+
+Ranking (``choose``): among engines profiled on the device that fit the budget, the most accurate wins and ties go
+to the faster. When any candidate's accuracy is unknown (random-init anchors, no evaluation), accuracies are not
+comparable, so every candidate is ranked by GFLOPs instead (more compute in the same ViT family is more accuracy,
+SN-Net paper Fig. 4), ties again to the faster. Latency is the measured percentile the selector was built with.
+
+Threading: ``run`` takes a reference to the active runner under a lock and runs outside it, so a switch never
+changes the engine of a run in flight, and a runner evicted or closed while in use is closed by its last run.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import logging
+import math
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+from snexport.errors import BudgetError, ManifestError, SettingsError, UnknownStitchError
+from snexport.hashing import PathLike, sha256_file
+from snexport.device.manifest import MANIFEST_NAME, engine_memory_mb, latest_device, read_manifest
+
+log = logging.getLogger(__name__)
+
+PERCENTILES = ("min", "p50", "mean", "p90", "p99", "max")
+MODES = ("preload", "on_demand")
+_UNSET: Any = object()
+
+
+class SelectorWarning(UserWarning):
+    """An engine left out of selection, or a budget that no engine meets."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """One engine as the selector sees it on its device."""
+
+    id: str  # stitch_id; "stitch_id#format-precision" when the manifest holds several files of that stitch
+    stitch_id: str
+    file: Path  # absolute
+    format: str
+    precision: str
+    top1: Optional[float]  # percent; None when unknown
+    gflops: float
+    params: int
+    input_name: str
+    input_shape: tuple
+    input_dtype: str
+    latency_ms: Optional[float]  # at the selector's percentile on its device; None: not profiled there
+    memory_mb: Optional[float]  # RSS growth + accelerator memory of keeping it loaded; None: not profiled
+    cold_load_ms: Optional[float]
+    pareto: bool
+
+    @property
+    def profiled(self) -> bool:
+        return self.latency_ms is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchEvent:
+    seq: int
+    at: float  # time.monotonic() when the switch completed
+    from_id: Optional[str]
+    to_id: str
+    reason: str  # "initial" | "budget" | "manual" | "slowdown" | "recovered"
+    observed_ms: Optional[float]  # recent latency percentile behind a feedback switch
+    budget_ms: Optional[float]
+    load_ms: float  # time to make the engine ready; 0.0 when it was already loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackConfig:
+    """Closed-loop settings (see ``Selector.observe``). Counts are observations (inferences)."""
+
+    window: int = 16  # recent latencies kept; their percentile is compared with the budget
+    down_after: int = 8  # observations on an engine before it may be judged too slow
+    up_after: int = 32  # observations on an engine before a more accurate one is tried
+    hysteresis: float = 0.1  # a step up needs predicted latency <= budget * (1 - hysteresis)
+    backoff: float = 2.0  # up_after is multiplied by this when a step up had to be undone
+    max_up_after: int = 1024
+    time_runs: bool = True  # run() feeds its own wall time to observe()
+
+    def __post_init__(self):
+        if not (1 <= self.down_after <= self.window) or self.up_after < 1 or not (0 <= self.hysteresis < 1):
+            raise SettingsError(f"invalid FeedbackConfig {self}: need 1 <= down_after <= window, up_after >= 1, "
+                             "0 <= hysteresis < 1")
+
+
+# Runner options for engines of a pack (snexport.export.pack) unless the caller sets them; numbers in
+# docs/packs.md (benchmarks/pack_vs_standalone.py). Portable pack: ONNX Runtime's CPU prepacking would copy every
+# MatMul weight into a private, re-laid-out buffer per session and undo the sharing, so it is off (that costs
+# GEMM speed; a device-optimized pack keeps it). Both: no per-session activation arena, which would otherwise
+# keep each resident session's peak activations allocated (~20 MB per DeiT-B session).
+PACK_RUNNER_DEFAULTS: Mapping[str, Any] = {"disable_prepacking": True, "cpu_mem_arena": False}
+OPTIMIZED_PACK_RUNNER_DEFAULTS: Mapping[str, Any] = {"cpu_mem_arena": False}
+
+
+def default_runner_factory(entry: Mapping[str, Any], manifest_dir: Path,
+                           weights_map: Optional[Callable[[Path], Any]] = None, **options: Any):
+    """Open an engine with snexport's runtime (backend from the suffix); imported here so import stays light.
+
+    An ONNX engine of a portable pack (``weights_file`` set) gets its initializers as views of the pack's weights
+    file, mapped once per file by ``weights_map(path)`` (a ``WeightsFileMap``; the selector passes its own
+    cache), with ``PACK_RUNNER_DEFAULTS`` under the caller's options. Without ``weights_map`` ONNX Runtime reads
+    the weights file itself. An engine of a device-optimized pack (prepacked weights inside, checked against this
+    machine's ONNX Runtime and CPU) is opened plainly: ORT maps the shared file and uses the prepacked blobs.
+    """
+    from snexport.device.runtime import open_runner
+
+    path = manifest_dir / entry["file"]
+    if entry.get("weights_file") and entry.get("format") == "onnx":
+        from snexport.device.runtime.onnxruntime_runner import check_ort_pack
+
+        if check_ort_pack(path) is not None:
+            # A pack optimized on this device (export.pack.optimize_pack): ONNX Runtime maps the weights file
+            # itself and takes its prepacked blobs from it, so the pages are shared without handing buffers over.
+            return open_runner(path, **{**OPTIMIZED_PACK_RUNNER_DEFAULTS, **options})
+        if weights_map is not None and "shared_initializers" not in options:
+            mapped = weights_map(manifest_dir / entry["weights_file"])
+            options = {**PACK_RUNNER_DEFAULTS, **options, "shared_initializers": mapped.initializers(path)}
+    return open_runner(path, **options)
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """A loaded runner plus the bookkeeping that lets it be closed only when no run is using it."""
+
+    info: EngineInfo
+    runner: Any
+    refs: int = 0
+    retired: bool = False  # evicted or selector closed: close when refs reaches 0
+    closed: bool = False
+
+
+class Selector:
+    """Chooses among a build's engines on one device and runs the active one (see module docstring).
+
+    ``mode="preload"`` loads every candidate at start (switching costs nothing, memory is the sum, see
+    ``memory_cost_mb``; ``cache_size`` is ignored); ``"on_demand"`` keeps at most ``cache_size`` runners in an
+    LRU cache. ``candidates``
+    limits selection to those ids; by default the engines marked Pareto-optimal on the device, or all profiled ones
+    when none is marked. Candidates' files (and shared weights files) are checked against the manifest's sha256 at
+    start; a missing or altered file is left out with a ``SelectorWarning``. Other engines are checked when
+    ``switch`` first loads them.
+
+    Engine packs (``snexport.export.pack``): engines that name the same ``weights_file`` share it. The selector
+    maps a portable pack's file once and gives every session views of it (``mapped_weights``); ONNX Runtime maps
+    a device-optimized pack itself. ``shared_weights`` says which engines share which file, and
+    ``memory_cost_mb`` counts a shared file once, so the cost of any preload set is known before loading it.
+    """
+
+    def __init__(
+        self,
+        manifest_path: PathLike,
+        device: Optional[str] = None,
+        percentile: str = "p90",
+        mode: str = "preload",
+        cache_size: int = 2,
+        runner_factory: Optional[Callable[[dict, Path], Any]] = None,
+        verify_hashes: bool = True,
+        feedback: Optional[FeedbackConfig] = None,
+        *,
+        latency_ms: Optional[float] = None,
+        memory_mb: Optional[float] = None,
+        candidates: Optional[Iterable[str]] = None,
+        runner_options: Optional[Mapping[str, Any]] = None,
+        on_switch: Optional[Callable[[SwitchEvent], None]] = None,
+    ):
+        if percentile not in PERCENTILES:
+            raise SettingsError(f"percentile must be one of {', '.join(PERCENTILES)}, got {percentile!r}")
+        if mode not in MODES:
+            raise SettingsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if cache_size < 1:
+            raise SettingsError(f"cache_size must be >= 1, got {cache_size}")
+        path = Path(manifest_path)
+        self.manifest_path = path / MANIFEST_NAME if path.is_dir() else path
+        self.manifest_dir = self.manifest_path.parent.resolve()
+        self.manifest = read_manifest(self.manifest_path)
+        self.percentile, self.mode, self.cache_size = percentile, mode, cache_size
+        self.verify_hashes = verify_hashes
+        self.feedback = feedback
+        # Engine packs: one read-only map per shared weights file, created on first use, dropped on close.
+        self._weights_maps: dict[Path, Any] = {}
+        self._maps_lock = threading.Lock()
+        # Engines run as they were measured: the device's recorded thread count unless the caller overrides it.
+        self._factory = runner_factory or (
+            lambda entry, root: default_runner_factory(entry, root, weights_map=self._weights_map,
+                                                       **{**self._measured_runner_options(),
+                                                          **dict(runner_options or {})})
+        )
+        self._on_switch = on_switch
+        self.device = self._resolve_device(device)
+
+        self._entries: dict[str, dict] = {}
+        self._infos: dict[str, EngineInfo] = {}
+        self._index_engines()
+        self._hash_cache: dict[Path, str] = {}
+        self._verified: set[str] = set()
+        self._pool = self._build_pool(candidates)
+        self._by_accuracy = all(self._infos[i].top1 is not None for i in self._pool)
+
+        self._lock = threading.Lock()  # guards _slots, _active, _closed and slot refcounts
+        self._switch_lock = threading.Lock()  # one switch (load) at a time; runs go on meanwhile
+        self._fb_lock = threading.Lock()  # guards the feedback state below
+        self._slots: "collections.OrderedDict[str, _Slot]" = collections.OrderedDict()
+        self._active: Optional[str] = None
+        self._closed = False
+        self._events: "collections.deque[SwitchEvent]" = collections.deque(maxlen=1000)
+        self._seq = 0
+        self._budget_latency = latency_ms
+        self._budget_memory = memory_mb
+        self._fb_window: "collections.deque[float]" = collections.deque(maxlen=feedback.window if feedback else 1)
+        self._fb_count = 0
+        self._fb_up_after = feedback.up_after if feedback else 0
+        self._fb_probe = False  # active engine came from a feedback step up that has not yet held
+        self._fb_floor_logged = False
+
+        try:
+            if mode == "preload":
+                cost = self.memory_cost_mb(self._pool)
+                if memory_mb is not None and cost > memory_mb:
+                    _warn(f"preloading {len(self._pool)} engines costs {cost:.0f} MB, over the {memory_mb:g} MB "
+                          "budget; use mode='on_demand' or fewer candidates")
+                for engine_id in sorted(self._pool, key=lambda i: self._infos[i].latency_ms):
+                    self._slots[engine_id] = self._load(self._infos[engine_id])
+                _return_freed_heap()
+            first = self.choose(latency_ms, memory_mb)
+            self._switch_to(first.id, "initial")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- manifest -> engines ---------------------------------------------------------------------------------
+
+    def _measured_runner_options(self) -> dict:
+        settings = (self.manifest.get("devices", {}).get(self.device, {}) or {}).get("settings", {}) or {}
+        threads = settings.get("threads")
+        return {"threads": threads} if settings.get("backend") == "onnxruntime" and threads else {}
+
+    def _resolve_device(self, device: Optional[str]) -> str:
+        devices = self.manifest["devices"]
+        if device is None:
+            latest = latest_device(self.manifest)
+            if latest is None:
+                raise ManifestError(
+                    f"no engine in {self.manifest_path} has been profiled on any device yet; run `snexport bench` "
+                    "on this device to add measurements"
+                )
+            if len(devices) > 1:
+                log.info("manifest has %d devices; using the latest measured, %s", len(devices), latest)
+            return latest
+        if device not in devices:
+            known = ", ".join(sorted(devices)) or "none"
+            raise ManifestError(
+                f"device '{device}' has no measurements in {self.manifest_path} (measured devices: {known}); "
+                "run `snexport bench` on it or pass one of those keys"
+            )
+        return device
+
+    def _index_engines(self) -> None:
+        entries = self.manifest["engines"]
+        counts = collections.Counter(e["stitch_id"] for e in entries)
+        for entry in entries:
+            sid = entry["stitch_id"]
+            engine_id = sid if counts[sid] == 1 else f"{sid}#{entry['format']}-{entry['precision']}"
+            m = entry["measurements"].get(self.device)
+            self._entries[engine_id] = entry
+            self._infos[engine_id] = EngineInfo(
+                id=engine_id,
+                stitch_id=sid,
+                file=self.manifest_dir / entry["file"],
+                format=entry["format"],
+                precision=entry["precision"],
+                top1=entry["accuracy"]["top1"],
+                gflops=float(entry["gflops"]),
+                params=int(entry["params"]),
+                input_name=entry["input"]["name"],
+                input_shape=tuple(entry["input"]["shape"]),
+                input_dtype=entry["input"]["dtype"],
+                latency_ms=float(m["latency_ms"][self.percentile]) if m else None,
+                memory_mb=engine_memory_mb(m) if m else None,
+                cold_load_ms=m["load_ms"]["cold"] if m else None,
+                pareto=bool(m and m["pareto"]),
+            )
+
+    def _build_pool(self, candidates: Optional[Iterable[str]]) -> list[str]:
+        profiled = [i for i, info in self._infos.items() if info.profiled]
+        if not profiled:
+            raise ManifestError(
+                f"no engine in {self.manifest_path} is profiled on device '{self.device}', so none can be chosen "
+                "by latency; run `snexport bench` on this device"
+            )
+        if candidates is None:
+            wanted = [i for i in profiled if self._infos[i].pareto] or profiled
+        else:
+            wanted = [self._resolve(c).id for c in candidates]
+            unprofiled = [i for i in wanted if not self._infos[i].profiled]
+            if unprofiled:
+                raise ManifestError(
+                    f"candidates {', '.join(unprofiled)} are not profiled on device '{self.device}'; "
+                    "run `snexport bench` on this device or leave them out"
+                )
+        pool, problems = [], []
+        for engine_id in wanted:
+            problem = self._file_problem(engine_id)
+            if problem:
+                problems.append(problem)
+                _warn(f"engine {engine_id} left out: {problem}; re-run `snexport build` (or copy the build "
+                      "directory to the device again) to restore it")
+            else:
+                pool.append(engine_id)
+        if not pool:
+            # Engines of one pack fail together when their shared weights file is bad: say which file it was.
+            common = f" ({problems[0]})" if len(set(problems)) == 1 else f" (first: {problems[0]})"
+            raise ManifestError(
+                f"every candidate engine in {self.manifest_path} is missing or altered{common}; re-run "
+                "`snexport build` or copy the build directory to the device again"
+            )
+        return pool
+
+    def _file_problem(self, engine_id: str) -> str:
+        """Why an engine's files cannot be trusted, or '' when they match the manifest."""
+        if engine_id in self._verified:
+            return ""
+        entry, info = self._entries[engine_id], self._infos[engine_id]
+        files = [(info.file, entry["sha256"], entry["size_bytes"])]
+        if entry["weights_file"]:
+            files.append((self.manifest_dir / entry["weights_file"], entry["weights_sha256"],
+                          entry.get("weights_size_bytes")))
+        for path, digest, size in files:
+            if not path.is_file():
+                return f"{path} is missing"
+            # The size check catches truncated copies without reading the file.
+            if size is not None and path.stat().st_size != size:
+                return f"{path} is {path.stat().st_size} bytes, manifest says {size}"
+            if self.verify_hashes:
+                if path not in self._hash_cache:
+                    self._hash_cache[path] = sha256_file(path)
+                if self._hash_cache[path] != digest:
+                    return f"{path} does not match its sha256 in the manifest (altered or from another build)"
+        self._verified.add(engine_id)
+        return ""
+
+    def _resolve(self, target: Union[str, EngineInfo]) -> EngineInfo:
+        engine_id = target.id if isinstance(target, EngineInfo) else target
+        if engine_id in self._infos:
+            return self._infos[engine_id]
+        matches = [i for i in self._infos.values() if i.stitch_id == engine_id]
+        if len(matches) > 1:
+            raise UnknownStitchError(
+                f"stitch '{engine_id}' has several engines here; pick one of {', '.join(m.id for m in matches)}"
+            )
+        raise UnknownStitchError.for_id(engine_id, self._infos)
+
+    # -- queries ---------------------------------------------------------------------------------------------
+
+    @property
+    def engines(self) -> list[EngineInfo]:
+        """The candidates, fastest first."""
+        return sorted((self._infos[i] for i in self._pool), key=lambda e: e.latency_ms)
+
+    def info(self, target: Union[str, EngineInfo]) -> EngineInfo:
+        return self._resolve(target)
+
+    @property
+    def active(self) -> Optional[EngineInfo]:
+        with self._lock:
+            return self._infos[self._active] if self._active else None
+
+    @property
+    def budget(self) -> tuple[Optional[float], Optional[float]]:
+        """(latency_ms, memory_mb) currently in force; None means no limit."""
+        return self._budget_latency, self._budget_memory
+
+    @property
+    def events(self) -> list[SwitchEvent]:
+        """Switches so far (the latest 1000), oldest first."""
+        with self._lock:
+            return list(self._events)
+
+    def loaded(self) -> list[str]:
+        """Ids of the engines currently loaded, least recently used first."""
+        with self._lock:
+            return list(self._slots)
+
+    def _rank(self, info: EngineInfo) -> tuple:
+        accuracy = info.top1 if self._by_accuracy else info.gflops
+        return (accuracy, -info.latency_ms)
+
+    def choose(self, latency_ms: Optional[float] = None, memory_mb: Optional[float] = None,
+               strict: bool = False) -> EngineInfo:
+        """The best candidate whose latency percentile and memory fit the budget (None: no limit).
+
+        When none fits: ``strict`` raises BudgetError; otherwise a SelectorWarning names the miss and the
+        fastest engine that fits the memory budget is returned (or, if none fits memory either, the smallest).
+        """
+        pool = [self._infos[i] for i in self._pool]
+        fits = [e for e in pool if _within(e.latency_ms, latency_ms) and _within(e.memory_mb, memory_mb)]
+        if fits:
+            return max(fits, key=self._rank)
+        fastest = min(pool, key=lambda e: (e.latency_ms, e.memory_mb))
+        smallest = min(pool, key=lambda e: (e.memory_mb, e.latency_ms))
+        wanted = " and ".join(
+            part for part in (
+                f"{self.percentile} latency <= {latency_ms:g} ms" if latency_ms is not None else "",
+                f"memory <= {memory_mb:g} MB" if memory_mb is not None else "",
+            ) if part
+        )
+        what = (f"no engine on {self.device} meets {wanted}: the fastest is {fastest.id} "
+                f"({fastest.latency_ms:.3g} ms), the smallest {smallest.id} ({smallest.memory_mb:.3g} MB)")
+        if strict:
+            raise BudgetError(what + "; relax the budget or build smaller stitches")
+        in_memory = [e for e in pool if _within(e.memory_mb, memory_mb)]
+        fallback = min(in_memory, key=lambda e: e.latency_ms) if in_memory else smallest
+        _warn(f"{what}; using {fallback.id}")
+        return fallback
+
+    def memory_cost_mb(self, stitch_ids: Iterable[Union[str, EngineInfo]]) -> float:
+        """Memory that keeping these engines loaded together costs on this device, per the manifest.
+
+        Sum of each engine's measured cost, except that a weights file shared by several engines (engine packs)
+        is counted once: each engine's measured cost includes the bytes of the file it references
+        (``weights_used_bytes``), so those are taken out and the shared file's size is added back once.
+        Engines whose pack usage is not recorded are counted in full, which can only overestimate.
+        """
+        infos = {info.id: info for info in map(self._resolve, stitch_ids)}
+        total = 0.0
+        pack_size: dict[str, float] = {}  # weights_file -> its size (MB)
+        pack_used: dict[str, float] = collections.defaultdict(float)  # weights_file -> sum of engines' parts
+        for engine_id, info in infos.items():
+            if info.memory_mb is None:
+                raise ManifestError(f"engine {engine_id} is not profiled on device '{self.device}'; its memory "
+                                    "is unknown (run `snexport bench` on this device)")
+            entry = self._entries[engine_id]
+            pack, size, used = entry["weights_file"], entry.get("weights_size_bytes"), entry.get("weights_used_bytes")
+            if pack and size is not None and used is not None:
+                total += max(0.0, info.memory_mb - used / 1e6)
+                pack_size[pack] = size / 1e6
+                pack_used[pack] += used / 1e6
+            else:
+                total += info.memory_mb
+        # The union of the byte ranges the engines use is at most the file, and at most the sum of their parts.
+        total += sum(min(pack_size[p], pack_used[p]) for p in pack_size)
+        return total
+
+    def shared_weights(self, engines: Optional[Iterable[Union[str, EngineInfo]]] = None) -> dict[str, list[str]]:
+        """Which engines share which weights file (engine packs): manifest path -> engine ids, for ``engines``
+        (default: the candidates). Engines with their weights inside their own file are not listed."""
+        ids = [self._resolve(e).id for e in engines] if engines is not None else list(self._pool)
+        out: dict[str, list[str]] = {}
+        for engine_id in ids:
+            pack = self._entries[engine_id]["weights_file"]
+            if pack:
+                out.setdefault(pack, []).append(engine_id)
+        return out
+
+    def mapped_weights(self) -> dict[Path, Any]:
+        """The weights files mapped so far (absolute path -> ``WeightsFileMap``), each once for all its engines."""
+        with self._maps_lock:
+            return dict(self._weights_maps)
+
+    def _weights_map(self, path: Path) -> Any:
+        from snexport.device.runtime.onnxruntime_runner import WeightsFileMap
+
+        key = Path(path).resolve()
+        with self._maps_lock:
+            if key not in self._weights_maps:
+                self._weights_maps[key] = WeightsFileMap(key)
+            return self._weights_maps[key]
+
+    # -- switching and running -------------------------------------------------------------------------------
+
+    def _load(self, info: EngineInfo) -> _Slot:
+        problem = self._file_problem(info.id)
+        if problem:
+            raise ManifestError(f"cannot load engine {info.id}: {problem}; re-run `snexport build` or copy the "
+                                "build directory to the device again")
+        runner = self._factory(self._entries[info.id], self.manifest_dir)
+        runner.load()  # idempotent by contract: a factory may already have loaded it
+        return _Slot(info, runner)
+
+    def switch(self, target: Union[str, EngineInfo]) -> EngineInfo:
+        """Make ``target`` the active engine (loading it if needed); runs already started finish on theirs."""
+        info = self._resolve(target)
+        self._switch_to(info.id, "manual")
+        return info
+
+    def _switch_to(self, engine_id: str, reason: str, expected_from: Any = _UNSET,
+                   observed_ms: Optional[float] = None) -> Optional[SwitchEvent]:
+        with self._switch_lock:
+            with self._lock:
+                self._check_open()
+                # A feedback decision made before another switch landed is stale: drop it.
+                if (expected_from is not _UNSET and self._active != expected_from) or self._active == engine_id:
+                    return None
+                slot = self._slots.get(engine_id)
+            started = time.perf_counter()
+            if slot is None:  # load outside the lock: runs on the current engine go on meanwhile
+                slot = self._load(self._infos[engine_id])
+                _return_freed_heap()
+            load_ms = (time.perf_counter() - started) * 1000.0
+            event, to_close = self._install(slot, reason, observed_ms, load_ms)
+            with self._fb_lock:
+                self._fb_window.clear()
+                self._fb_count = 0
+                self._fb_probe = reason == "recovered"
+                self._fb_floor_logged = False
+        for stale in to_close:
+            stale.runner.close()
+        if event is None:
+            self._check_open()
+        log.info("switched %s -> %s (%s%s)", event.from_id, engine_id, reason,
+                 f", observed {observed_ms:.3g} ms" if observed_ms is not None else "")
+        if self._on_switch:
+            self._on_switch(event)
+        return event
+
+    def _install(self, slot: _Slot, reason: str, observed_ms: Optional[float],
+                 load_ms: float) -> tuple[Optional[SwitchEvent], list[_Slot]]:
+        """Make a loaded slot active and evict beyond the cache size; returns the event and runners to close."""
+        with self._lock:
+            if self._closed:  # closed while we were loading: nobody else will ever close this runner
+                return None, [slot]
+            engine_id = slot.info.id
+            previous, self._active = self._active, engine_id
+            self._slots[engine_id] = slot
+            self._slots.move_to_end(engine_id)
+            to_close = []
+            while self.mode == "on_demand" and len(self._slots) > self.cache_size:
+                _, evicted = self._slots.popitem(last=False)  # never the active one: it was just moved to the end
+                evicted.retired = True
+                if evicted.refs == 0:  # otherwise the last run using it closes it (see _release)
+                    evicted.closed = True
+                    to_close.append(evicted)
+            self._seq += 1
+            event = SwitchEvent(self._seq, time.monotonic(), previous, engine_id, reason, observed_ms,
+                                self._budget_latency, load_ms)
+            self._events.append(event)
+            return event, to_close
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("selector is closed; create a new Selector")
+
+    def run(self, x: Any) -> Any:
+        """Run the active engine on ``x``; with feedback on, the run's wall time is fed to ``observe``."""
+        with self._lock:
+            self._check_open()
+            slot = self._slots[self._active]
+            slot.refs += 1
+        started = time.perf_counter()
+        try:
+            out = slot.runner.run(x)
+        finally:
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            self._release(slot)
+        if self.feedback is not None and self.feedback.time_runs:
+            self.observe(elapsed_ms, engine_id=slot.info.id)
+        return out
+
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.refs -= 1
+            close_now = slot.retired and slot.refs == 0 and not slot.closed
+            if close_now:
+                slot.closed = True
+        if close_now:
+            slot.runner.close()
+
+    def set_budget(self, latency_ms: Optional[float] = _UNSET, memory_mb: Optional[float] = _UNSET,
+                   strict: bool = False) -> EngineInfo:
+        """Change the budget (None removes a limit, omitted keeps it) and switch to the profile's best fit."""
+        new_latency = self._budget_latency if latency_ms is _UNSET else latency_ms
+        new_memory = self._budget_memory if memory_mb is _UNSET else memory_mb
+        chosen = self.choose(new_latency, new_memory, strict=strict)
+        self._budget_latency, self._budget_memory = new_latency, new_memory
+        with self._fb_lock:  # a new budget is a new regime: forget the back-off
+            self._fb_up_after = self.feedback.up_after if self.feedback else 0
+            self._fb_probe = False
+        self._switch_to(chosen.id, "budget")
+        return chosen
+
+    # -- closed loop -----------------------------------------------------------------------------------------
+
+    def observe(self, latency_ms: float, engine_id: Optional[str] = None) -> Optional[SwitchEvent]:
+        """Feed one measured latency of the active engine; returns the switch it caused, if any.
+
+        Step down: once ``down_after`` observations are in and their percentile exceeds the latency budget, the
+        slowdown factor (observed / profiled) is applied to every faster engine and the most accurate one that
+        would then fit is chosen (the fastest if none would). Step up: after ``up_after`` observations, to the
+        best engine predicted (profile x slowdown) below budget x (1 - hysteresis); or, once the device is back
+        at its profiled speed (slowdown <= 1), to any engine whose profile fits the budget. The margin keeps a
+        steady slowdown from flip-flopping between two engines; an up step undone by the next step down doubles
+        ``up_after`` (up to ``max_up_after``) so a borderline engine is retried less and less often.
+        Observations tagged with another ``engine_id`` (runs that started before a switch) are ignored. A switch
+        it causes happens in the calling thread (in on_demand mode that includes loading the engine).
+        """
+        if self.feedback is None:
+            raise ValueError("feedback is off for this selector; pass feedback=FeedbackConfig()")
+        with self._fb_lock:
+            active = self._active
+            if active is None or (engine_id is not None and engine_id != active):
+                return None
+            self._fb_window.append(float(latency_ms))
+            self._fb_count += 1
+            decision = self._decide(self._infos[active])
+        if decision is None:
+            return None
+        target, reason, observed = decision
+        return self._switch_to(target, reason, expected_from=active, observed_ms=observed)
+
+    def _decide(self, current: EngineInfo) -> Optional[tuple[str, str, float]]:
+        cfg, budget = self.feedback, self._budget_latency
+        if budget is None or current.latency_ms is None or self._fb_count < cfg.down_after:
+            return None
+        recent = _percentile(self._fb_window, self.percentile)
+        slowdown = recent / current.latency_ms if current.latency_ms > 0 else 1.0
+        pool = [self._infos[i] for i in self._pool if _within(self._infos[i].memory_mb, self._budget_memory)]
+        if recent > budget:
+            if self._fb_probe:
+                self._fb_up_after = min(int(self._fb_up_after * cfg.backoff), cfg.max_up_after)
+                self._fb_probe = False
+            faster = [e for e in pool if e.latency_ms < current.latency_ms]
+            if not faster:
+                if not self._fb_floor_logged:
+                    self._fb_floor_logged = True
+                    log.warning("%s observed %.3g ms over the %.3g ms budget and no faster engine exists",
+                                current.id, recent, budget)
+                return None
+            fits = [e for e in faster if e.latency_ms * slowdown <= budget]
+            target = max(fits, key=self._rank) if fits else min(faster, key=lambda e: e.latency_ms)
+            return target.id, "slowdown", recent
+        if self._fb_count < self._fb_up_after:
+            return None
+        if self._fb_probe:  # the step up held for a full up_after: relax the back-off again
+            self._fb_probe = False
+            self._fb_up_after = max(cfg.up_after, int(self._fb_up_after / cfg.backoff))
+        headroom = budget * (1.0 - cfg.hysteresis)
+        better = [
+            e for e in pool
+            if self._rank(e) > self._rank(current)
+            and (e.latency_ms * slowdown <= headroom or (slowdown <= 1.0 and e.latency_ms <= budget))
+        ]
+        if not better:
+            return None
+        return max(better, key=self._rank).id, "recovered", recent
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every runner; runs in flight finish first (their runner closes when they return)."""
+        with self._lock:
+            self._closed = True
+            self._active = None
+            idle = []
+            for slot in self._slots.values():
+                slot.retired = True
+                if slot.refs == 0 and not slot.closed:
+                    slot.closed = True
+                    idle.append(slot)
+            self._slots.clear()
+        for slot in idle:
+            slot.runner.close()
+        with self._maps_lock:
+            # Runners still in a run keep their views, and through them the map, alive until they finish.
+            self._weights_maps.clear()
+
+    def __enter__(self) -> "Selector":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _return_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS after loading engines (glibc ``malloc_trim``; best effort).
+
+    Creating an ONNX Runtime session allocates and frees large temporaries (graph copies; for a device-optimized
+    pack, the prepacked weights it checks against the pack's copies). glibc keeps such freed pages resident, by
+    chance more or less of them: 49 to 158 MB across identical preloads of 8 DeiT-S/B engines (docs/packs.md),
+    about 1 ms to release. Elsewhere (macOS, musl) there is no such call and nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def _within(value: Optional[float], limit: Optional[float]) -> bool:
+    return limit is None or (value is not None and value <= limit)
+
+
+def _percentile(values: Iterable[float], which: str) -> float:
+    """Percentile with linear interpolation between order statistics (numpy's default method)."""
+    data = sorted(values)
+    if which == "mean":
+        return sum(data) / len(data)
+    q = 0.0 if which == "min" else 100.0 if which == "max" else float(which[1:])
+    pos = (len(data) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def _warn(message: str) -> None:
+    """Warn, attributed to the first caller outside this module (the app's line); apps that want these in their
+    logs call ``logging.captureWarnings(True)``."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, SelectorWarning, stacklevel=level)
