@@ -1,11 +1,24 @@
-"""Time per stitch of ONNX export, simplification and validation for full-size anchors (issue: export).
+"""Where the FP32 export of a stitch spends its time, now and before issue 13, interleaved in one run.
 
-Builds deit_s,deit_b with random-init weights (architecture-only: timing does not depend on the values), picks a
-few stitches spread over the FLOPs range, and times each phase separately for both exporters:
+Per stitch, alternating which goes first, in one process:
+- "new": the export stage itself (``snexport.export.stage.export_stitches`` into a scratch directory), whose
+  artifact records the seconds of each phase (materialize, reference, export, validate_export, simplify,
+  validate_simplified, tensorrt_check, write_and_hash);
+- "baseline": the stage's pre-issue-13 sequence, re-enacted here phase by phase with the same library calls it
+  made: ``exporter="auto"`` meant dynamo first (``torch.onnx.export(dynamo=True)`` to a file, loaded, renamed,
+  saved), ONNX Runtime sessions with default options on the files, onnxsim on the whole model (weights included)
+  from file to file, the TensorRT check loading the file with its weights, sha256 read back from disk, and the
+  reference and validation passes on torch's/ORT's default thread counts.
+Both use the same validation inputs as ``snexport export`` (8 seeded random images, plus 16 validation images when
+the build has data) and the same gates.
 
-    uv run python benchmarks/export_timing.py [--anchors deit_s,deit_b] [--stitches 4] [--images 8]
+    python benchmarks/export_timing.py --anchors deit_s,deit_b --random-init --stitches 3
+    python benchmarks/export_timing.py --build BUILD            # the stitches BUILD's last export chose (the demo)
+    python benchmarks/export_timing.py --build BUILD --no-baseline
 
-Prints a table and writes benchmarks/results/export_timing-<anchors>.json with the settings and the machine.
+Prints a phase table per stitch (baseline | new) and the totals, with the settings, the machine and the load average
+before and after each stitch (the build box is shared: compare only numbers taken in the same run), and writes
+benchmarks/results/export_timing-<name>.json.
 """
 
 from __future__ import annotations
@@ -13,76 +26,202 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PHASES = ("materialize", "reference", "export", "validate_export", "simplify", "validate_simplified",
+          "tensorrt_check", "write_and_hash")
 
 
-def timed(fn):
+def baseline_export(build, net, stitch, inputs, work: Path, simplifier: str) -> dict:
+    """The pre-issue-13 ``_export_one`` FP32 path, phase by phase (see the module doc); returns seconds per phase."""
+    import onnx
+    import onnxruntime as ort
+
+    from snexport.export.onnx_export import INPUT_NAME, OUTPUT_NAME
+    from snexport.export.trt_compat import check_tensorrt_compat
+    from snexport.export.validate import FP32_GATES, compare_logits, reference_logits
+    from snexport.hashing import sha256_file
+
+    seconds = {}
+
+    def phase(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        seconds[name] = round(time.perf_counter() - start, 3)
+        return out
+
+    def ort_run(path):  # the old run_onnx: default session options (spinning on, default threads), batch chunks
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [session.run(None, {INPUT_NAME: inputs[i:i + 1]})[0] for i in range(len(inputs))]
+
+    def check(path, reference):
+        import numpy as np
+
+        figures, failures = compare_logits(reference, np.concatenate(ort_run(path)), **FP32_GATES)
+        assert not failures, failures
+        return figures
+
+    def export(path):
+        import contextlib
+        import io
+        import warnings
+
+        import torch
+
+        module.eval()
+        example = torch.randn(1, *stitch_shape)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=18,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False,
+                                  optimize=True, verbose=False)
+            kind = "dynamo"
+        except Exception:  # noqa: BLE001 - the old "auto" fell back to TorchScript
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=18,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True)
+            kind = "torchscript"
+        model = onnx.load(str(path))  # the old export_onnx: load, name I/O, set metadata, save again
+        onnx.save(model, str(path))
+        return kind
+
+    def simplify(src, dst):
+        model = onnx.load(str(src))
+        if simplifier == "onnxsim":
+            import onnxsim
+
+            model, ok = onnxsim.simplify(model)
+            assert ok
+        elif simplifier == "onnxslim":
+            import onnxslim
+
+            model = onnxslim.slim(model)
+        onnx.save(model, str(dst))
+
+    stitch_shape = tuple(build.load_plan().anchors[0].input_shape)
+    raw, simple = work / "baseline.raw.onnx", work / "baseline.onnx"
+    module = phase("materialize", lambda: net.materialize(stitch.id))
+    reference = phase("reference", lambda: reference_logits(module, inputs))
+    kind = phase("export", lambda: export(raw))
+    phase("validate_export", lambda: check(raw, reference))
+    phase("simplify", lambda: simplify(raw, simple))
+    phase("validate_simplified", lambda: check(simple, reference))
+    phase("tensorrt_check", lambda: check_tensorrt_compat(simple))
+    phase("write_and_hash", lambda: (sha256_file(simple), simple.stat().st_size))
+    return {"seconds": seconds, "exporter": kind, "size_mb": round(simple.stat().st_size / 1e6, 1)}
+
+
+def new_export(build, net, stitch, calib_images, work: Path, simplifier: str) -> dict:
+    """The export stage on one stitch in a scratch directory; the seconds its artifact recorded."""
+    from snexport.export.stage import export_stitches
+
+    shutil.rmtree(work / "new", ignore_errors=True)
+    spec0 = build.load_plan().anchors[0]
     start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+    [art] = export_stitches(work / "new", [stitch], net.materialize, spec0.input_shape, calib_images,
+                            simplifier=simplifier, weights_hash=build.weights_hash())
+    wall = time.perf_counter() - start
+    return {"seconds": dict(art.validation["seconds"]), "wall_s": round(wall, 3), "exporter": art.exporter,
+            "size_mb": round(art.size_bytes / 1e6, 1)}
+
+
+def choose(build, how: str) -> list:
+    plan = build.load_plan()
+    if how == "exported":
+        from snexport.device.deployset import deploy_records
+
+        ids = sorted({a.stitch_id for a in deploy_records(build)})
+        return [plan.get(i) for i in ids]
+    if how == "all":
+        return list(plan.stitches)
+    if "," in how or not how.isdigit():
+        return [plan.get(i) for i in how.split(",")]
+    n = int(how)
+    by_cost = sorted(plan.stitches, key=lambda s: s.gflops)
+    picks = {round(i * (len(by_cost) - 1) / max(1, n - 1)) for i in range(n)}
+    return [by_cost[i] for i in sorted(picks)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", help="an existing build directory (default: make one from --anchors)")
     ap.add_argument("--anchors", default="deit_s,deit_b")
-    ap.add_argument("--stitches", type=int, default=4, help="how many configurations, spread over GFLOPs")
-    ap.add_argument("--images", type=int, default=8, help="validation inputs per stitch")
-    ap.add_argument("--exporters", default="torchscript,dynamo")
+    ap.add_argument("--random-init", action="store_true", help="random anchor weights (timing does not depend on them)")
+    ap.add_argument("--stitches", default=None, help="N (spread over GFLOPs), 'all', 'exported' (default with --build: "
+                    "what the build's last export chose), or comma-separated ids; default 3")
     ap.add_argument("--simplifier", default="onnxsim")
+    ap.add_argument("--no-baseline", action="store_true", help="time only the current export stage")
     ap.add_argument("--out", default=str(HERE / ".builds" / "export_timing"))
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
-    from snexport.export.onnx_export import export_onnx
-    from snexport.export.simplify import simplify
-    from snexport.export.validate import reference_logits, validate_onnx
     from snexport.device.profiling import device_fingerprint
+    from snexport.export.deploy import validation_images
+    from snexport.export.stage import _validation_inputs
     from snexport.stitching.stage import stitch_stage
+    from snexport.stitching.store import BuildDir
 
-    names = args.anchors.split(",")
-    build, _ = stitch_stage(Path(args.out) / "-".join(names), names, random_init=True, show_progress=False)
+    if args.build:
+        build = BuildDir(args.build).require()
+        name = Path(args.build).name
+    else:
+        names = args.anchors.split(",")
+        name = "-".join(names) + ("-random" if args.random_init else "")
+        build, _ = stitch_stage(Path(args.out) / name, names, random_init=args.random_init, show_progress=False)
+    how = args.stitches or ("exported" if args.build else "3")
+    stitches = choose(build, how)
     net = build.load_snnet()
-    stitches = sorted(build.load_plan().stitches, key=lambda s: s.gflops)
-    step = max(1, (len(stitches) - 1) // max(1, args.stitches - 1))
-    chosen = stitches[::step][: args.stitches - 1] + [stitches[-1]]
-    shape = build.load_plan().anchors[0].input_shape
-    x = np.random.default_rng(0).standard_normal((args.images, *shape)).astype(np.float32)
-    work = Path(args.out) / "files"
+    spec0 = build.load_plan().anchors[0]
+    calib = validation_images(build)
+    inputs = _validation_inputs(spec0.input_shape, calib, 8, 0)
+    work = Path(args.out) / "files" / name
     work.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    for s in chosen:
-        module = net.materialize(s.id)
-        ref, t_ref = timed(lambda: reference_logits(module, x))
-        for exporter in args.exporters.split(","):
-            raw, simp = work / f"{exporter}.onnx", work / f"{exporter}.{args.simplifier}.onnx"
-            info, t_export = timed(lambda: export_onnx(module, shape, raw, exporter=exporter))
-            _, t_val_raw = timed(lambda: validate_onnx(raw, ref, x, stitch_id=s.id))
-            _, t_simp = timed(lambda: simplify(raw, simp, args.simplifier))
-            fig, t_val = timed(lambda: validate_onnx(simp, ref, x, stitch_id=s.id))
-            rows.append({"stitch": s.id, "gflops": s.gflops, "exporter": info["exporter"],
-                         "size_mb": round(simp.stat().st_size / 1e6, 1), "torch_reference_s": round(t_ref, 2),
-                         "export_s": round(t_export, 2), "validate_raw_s": round(t_val_raw, 2),
-                         "simplify_s": round(t_simp, 2), "validate_s": round(t_val, 2),
-                         "total_s": round(t_ref + t_export + t_val_raw + t_simp + t_val, 2),
-                         "rel_max_abs": fig["rel_max_abs"], "cosine": fig["cosine"]})
-            r = rows[-1]
-            print(f"{s.id:22s} {r['exporter'][:28]:28s} {r['size_mb']:7.1f} MB  export {r['export_s']:6.2f} s  "
-                  f"simplify {r['simplify_s']:6.2f} s  validate {r['validate_raw_s']:5.2f}+{r['validate_s']:5.2f} s  "
-                  f"total {r['total_s']:6.2f} s  rel err {r['rel_max_abs']:.1e}", flush=True)
+    for i, s in enumerate(stitches):
+        load_before = os.getloadavg()
+        runs = {}
+        order = ["new"] if args.no_baseline else (["baseline", "new"] if i % 2 == 0 else ["new", "baseline"])
+        for which in order:
+            start = time.perf_counter()
+            if which == "new":
+                runs["new"] = new_export(build, net, s, calib, work, args.simplifier)
+            else:
+                runs["baseline"] = baseline_export(build, net, s, inputs, work, args.simplifier)
+                runs["baseline"]["wall_s"] = round(time.perf_counter() - start, 3)
+        row = {"stitch": s.id, "gflops": s.gflops, "load_before": load_before, "load_after": os.getloadavg(), **runs}
+        rows.append(row)
+        print(f"\n{s.id} ({s.gflops:.3g} GFLOPs, {runs['new']['size_mb']} MB; load {load_before[0]:.1f} -> "
+              f"{row['load_after'][0]:.1f}; first: {order[0]})", flush=True)
+        print(f"  {'phase':22s} {'baseline s':>11s} {'new s':>8s}")
+        for p in PHASES:
+            b = runs.get("baseline", {}).get("seconds", {}).get(p)
+            n = runs["new"]["seconds"].get(p)
+            print(f"  {p:22s} {'' if b is None else f'{b:11.2f}':>11s} {'' if n is None else f'{n:8.2f}':>8s}")
+        b_wall = runs.get("baseline", {}).get("wall_s")
+        print(f"  {'total (wall)':22s} {'' if b_wall is None else f'{b_wall:11.2f}':>11s} "
+              f"{runs['new']['wall_s']:8.2f}   exporters: {runs.get('baseline', {}).get('exporter', '-')} | "
+              f"{runs['new']['exporter']}", flush=True)
 
-    result = {"settings": vars(args) | {"torch_threads": torch.get_num_threads()},
-              "machine": device_fingerprint(), "load_average": os.getloadavg(), "rows": rows}
-    out = HERE / "results" / f"export_timing-{'-'.join(names)}.json"
+    total_new = sum(r["new"]["wall_s"] for r in rows)
+    total_base = None if args.no_baseline else sum(r["baseline"]["wall_s"] for r in rows)
+    print(f"\n{len(rows)} stitches: new {total_new:.1f} s" + ("" if total_base is None else
+          f", baseline {total_base:.1f} s ({total_base / total_new:.1f}x)"))
+    result = {"settings": vars(args) | {"stitches_chosen": how, "torch_threads": torch.get_num_threads(),
+                                        "validation_inputs": len(inputs)},
+              "machine": device_fingerprint(), "rows": rows,
+              "totals": {"new_s": round(total_new, 2), "baseline_s": None if total_base is None else round(total_base, 2)}}
+    (HERE / "results").mkdir(exist_ok=True)
+    out = HERE / "results" / f"export_timing-{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"settings: {result['settings']}\nmachine: {result['machine']['cpu'].get('model')} "
-          f"({result['machine']['cpu'].get('logical_cores')} logical cores), load average {result['load_average']}\n"
-          f"written: {out}")
+    cpu = result["machine"]["cpu"]
+    print(f"settings: {result['settings']}\nmachine: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores), "
+          f"shared with other jobs: see the load averages per stitch\nwritten: {out}")
 
 
 if __name__ == "__main__":

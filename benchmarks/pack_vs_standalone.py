@@ -14,7 +14,12 @@ three ways of holding every chosen engine in one process:
 - ``pack+prepack``: the same views with prepacking on, i.e. ONNX Runtime copies every MatMul weight into a
   private packed buffer per session: what the other choice of the prepacking decision would cost and save;
 - ``pack-ort``: the device-optimized pack (``optimize_pack``): ORT's optimized graphs with their prepacked
-  weights serialized and deduplicated into one file that ORT maps itself in every session.
+  weights serialized and deduplicated into one file that ORT maps itself in every session;
+- ``ov-standalone`` / ``ov-pack`` (where OpenVINO is installed): the standalone files, and the portable pack's files,
+  through ``OpenVinoRunner`` (what `snexport bench` measures and the selector opens for an engine whose
+  ``measurement.backend`` is openvino). OpenVINO maps external weights (ENABLE_MMAP), so engines of the pack share
+  the weights file's page cache; each compiled model still holds its own repacked copy of its weights. The two
+  configurations side by side say what that sharing is worth.
 
 Memory is reported as RSS and as PSS (``/proc/self/smaps_rollup``): ONNX Runtime maps the ``pack-ort`` file once
 per session, and RSS counts a page once per mapping while PSS counts it once — PSS is the physical cost there.
@@ -68,6 +73,9 @@ CONFIGS = {
     "pack": {"files": "pack", "runner": {"disable_prepacking": True}},
     "pack+prepack": {"files": "pack", "runner": {"disable_prepacking": False}},
     "pack-ort": {"files": "pack-ort", "runner": {"disable_prepacking": False}},
+    # OpenVINO (its runner's defaults: LATENCY hint, 1 stream, f32 precision hint, weights mapped)
+    "ov-standalone": {"files": "standalone", "runner": {}, "backend": "openvino"},
+    "ov-pack": {"files": "pack", "runner": {}, "backend": "openvino"},
 }
 # Only in the latency phase: isolates what turning prepacking off costs, with or without a pack.
 LATENCY_ONLY = {
@@ -146,8 +154,10 @@ def prepare(family: str, build_root: Path, choice: Optional[str], log) -> dict:
             "export_s": export_s, "pack_s": pack_s, "optimize_s": optimize_s}
 
 
-def write_manifest_for(build_root: Path, plan, arts, name: str, alone: dict, fingerprint: dict) -> Path:
-    """A manifest with the per-engine numbers measured alone (latency, memory), as `snexport bench` writes."""
+def write_manifest_for(build_root: Path, plan, arts, name: str, alone: dict, fingerprint: dict,
+                       backend: str = "onnxruntime") -> Path:
+    """A manifest with the per-engine numbers measured alone (latency, memory), as `snexport bench` writes; each
+    measurement names ``backend``, which the selector opens the engine with."""
     from snexport.device.bench import measurement_for_manifest
     from snexport.device.manifest import write_manifest
     from snexport.export.deploy import engine_entry
@@ -155,7 +165,8 @@ def write_manifest_for(build_root: Path, plan, arts, name: str, alone: dict, fin
     engines = []
     for a in arts:
         entry = engine_entry(a, plan, {})
-        entry["measurements"] = {DEVICE: dict(measurement_for_manifest(alone[a.stitch_id], None), pareto=True)}
+        entry["measurements"] = {DEVICE: dict(measurement_for_manifest(alone[a.stitch_id], None), pareto=True,
+                                              backend=backend)}
         engines.append(entry)
     anchors = [{"name": x.name, "timm_name": x.timm_name, "depth": x.depth, "width": x.width, "gflops": x.gflops,
                 "params": x.params} for x in plan.anchors]
@@ -188,7 +199,7 @@ def _status_bytes() -> dict:
     return out
 
 
-def _open(entry: dict, root: Path, runner: dict, threads: int, weights_maps: dict):
+def _open(entry: dict, root: Path, runner: dict, threads: int, weights_maps: dict, backend: str = "onnxruntime"):
     from snexport.device.runtime.onnxruntime_runner import WeightsFileMap
     from snexport.device.selector import default_runner_factory
 
@@ -196,15 +207,16 @@ def _open(entry: dict, root: Path, runner: dict, threads: int, weights_maps: dic
         key = Path(path).resolve()
         return weights_maps.setdefault(key, WeightsFileMap(key))
 
-    return default_runner_factory(entry, root, weights_map=weights_map, threads=threads, **runner)
+    return default_runner_factory(entry, root, weights_map=weights_map, backend=backend, threads=threads, **runner)
 
 
-def _start_runtime() -> None:
-    """Create ONNX Runtime's process-wide environment with a throwaway one-node session.
+def _start_runtime(backend: str = "onnxruntime", threads: int = 1) -> None:
+    """Create the runtime's process-wide environment with a throwaway one-node model.
 
-    The first session of a process also sets up logging, allocators and the environment (tens of MB); a running
-    app has paid that once, so it must not be charged to the first engine measured. A one-node model made here
-    does it without touching any engine file (whose pages would then already be resident).
+    The first session of a process also sets up logging, allocators and the environment (tens of MB; OpenVINO also
+    loads its CPU plugin, ~60 MB); a running app has paid that once, so it must not be charged to the first engine
+    measured. A one-node model made here does it without touching any engine file (whose pages would then already
+    be resident).
     """
     import numpy as np
     import onnx
@@ -218,16 +230,26 @@ def _start_runtime() -> None:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     session.run(None, {"x": np.zeros(1, np.float32)})
     onnx.load  # noqa: B018 - imported here so the runner's own import is not charged either
+    if backend == "openvino":
+        import tempfile
+
+        from snexport.device.runtime.openvino_runner import OpenVinoRunner
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "warm.onnx"
+            onnx.save(model, str(path))
+            with OpenVinoRunner(path, threads=threads) as warm:  # its thread pool is sized by the first use
+                warm.run(np.zeros(1, np.float32))
 
 
 def worker_alone(spec: dict) -> dict:
     """One engine alone in a fresh process, through the library's profiler (what `snexport bench` stores)."""
     from snexport.device.profiling import profile_engine
 
-    _start_runtime()
+    _start_runtime(spec["backend"], spec["threads"])
     maps: dict = {}
     root = Path(spec["root"])
-    record = profile_engine(lambda: _open(spec["entry"], root, spec["runner"], spec["threads"], maps),
+    record = profile_engine(lambda: _open(spec["entry"], root, spec["runner"], spec["threads"], maps, spec["backend"]),
                             spec["settings"])
     record["file_size_bytes"] = spec["file_bytes"]
     return record
@@ -240,7 +262,7 @@ def worker_resident(spec: dict) -> dict:
     from snexport.device.profiling import process_rss_bytes, summarize_ms
     from snexport.device.selector import Selector
 
-    _start_runtime()
+    _start_runtime(spec["backend"], spec["threads"])
     base, base_status = process_rss_bytes(), _status_bytes()
     t0 = time.perf_counter()
     sel = Selector(spec["manifest"], mode="preload", runner_options={"threads": spec["threads"], **spec["runner"]})
@@ -298,7 +320,9 @@ def worker_latency(spec: dict) -> dict:
     runners = {}
     for cfg, entries in spec["entries"].items():
         for sid, entry in entries.items():
-            runners[(cfg, sid)] = _open(entry, root, spec["configs"][cfg]["runner"], spec["threads"], maps)
+            c = spec["configs"][cfg]
+            runners[(cfg, sid)] = _open(entry, root, c["runner"], spec["threads"], maps,
+                                        c.get("backend", "onnxruntime"))
     samples: dict = {k: [] for k in runners}
     # One input for all: every stitch of a family takes the same image shape.
     x = np.random.default_rng(0).standard_normal(next(iter(runners.values())).input_shape).astype(np.float32)
@@ -372,30 +396,32 @@ def run(family: str, cfg: dict, out_root: Path, results_dir: Path, choice: Optio
     # 1. Each engine alone, fresh process each: the manifest's per-engine numbers.
     prof = {"warmup": 1, "iterations": cfg["profile_iterations"], "min_duration_s": 0.0, "max_duration_s": 30.0,
             "evict_page_cache": False}
+    configs = {name: CONFIGS[name] for name in cfg["configs"]}
     alone: dict = {}
-    for cfg_name in CONFIGS:
-        kind = CONFIGS[cfg_name]["files"]
+    for cfg_name, c in configs.items():
         alone[cfg_name] = {}
-        for a in arts[kind]:
+        for a in arts[c["files"]]:
             log(f"[{family}] alone: {cfg_name} {a.stitch_id}")
             entry = _entries([a])[a.stitch_id]
             file_bytes = a.size_bytes + (a.weights_used_bytes or 0)
             alone[cfg_name][a.stitch_id] = run_worker("alone", {
-                "root": str(root), "entry": entry, "runner": CONFIGS[cfg_name]["runner"], "threads": threads,
-                "settings": prof, "file_bytes": file_bytes})
-    manifests = {name: write_manifest_for(root, plan, arts[CONFIGS[name]["files"]], name, alone[name], fingerprint)
-                 for name in CONFIGS}
+                "root": str(root), "entry": entry, "runner": c["runner"], "threads": threads,
+                "settings": prof, "file_bytes": file_bytes, "backend": c.get("backend", "onnxruntime")})
+    manifests = {name: write_manifest_for(root, plan, arts[c["files"]], name, alone[name], fingerprint,
+                                          c.get("backend", "onnxruntime"))
+                 for name, c in configs.items()}
 
     # 2. All engines resident through the Selector, one fresh process per configuration.
     resident = {}
-    for name in CONFIGS:
+    for name, c in configs.items():
         log(f"[{family}] resident: {name}")
         resident[name] = run_worker("resident", {"manifest": str(manifests[name]), "threads": threads,
-                                                 "runner": CONFIGS[name]["runner"], "switches": cfg["switches"]})
+                                                 "runner": c["runner"], "switches": cfg["switches"],
+                                                 "backend": c.get("backend", "onnxruntime")})
 
     # 3. Latency, all configurations in one process, interleaved.
     log(f"[{family}] latency, interleaved")
-    lat_configs = {**CONFIGS, **LATENCY_ONLY}
+    lat_configs = {**configs, **LATENCY_ONLY}
     latency = run_worker("latency", {
         "root": str(root), "threads": threads, "rounds": cfg["rounds"], "per_round": cfg["per_round"],
         "configs": lat_configs,
@@ -409,11 +435,11 @@ def run(family: str, cfg: dict, out_root: Path, results_dir: Path, choice: Optio
         "family": family,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {**{k: v for k, v in cfg.items()}, "export": EXPORT, "configs": CONFIGS,
+        "settings": {**{k: v for k, v in cfg.items()}, "export": EXPORT, "configs": configs,
                      "latency_only_configs": LATENCY_ONLY, "profile_alone": prof, "stitch_rule": prep["rule"],
                      "align": summary["align"]},
         "machine": fingerprint,
-        "versions": {d: _version(d) for d in ("onnxruntime", "onnx", "numpy", "torch", "timm", "onnxsim")},
+        "versions": {d: _version(d) for d in ("onnxruntime", "openvino", "onnx", "numpy", "torch", "timm", "onnxsim")},
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "stitches": ids,
         "export_s": prep["export_s"], "pack_s": prep["pack_s"], "optimize_s": prep["optimize_s"],
@@ -518,6 +544,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--switches", type=int, default=None, help="random warm switches timed per configuration")
     p.add_argument("--profile-iterations", type=int, default=None, help="timed runs per engine alone")
     p.add_argument("--quick", action="store_true", help="minimal iterations (smoke test)")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated, of {', '.join(CONFIGS)} (default: all; the OpenVINO ones where it is "
+                        "installed); standalone is always measured (the ratios' base)")
     p.add_argument("--out", type=Path, default=HERE / ".builds", help="build-dir cache root (OUT/<family>)")
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -535,6 +564,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg[key] = getattr(args, key)
     cfg["threads"] = args.threads or default_threads()
     cfg["quick"] = bool(args.quick)
+    from snexport.device.runtime.backends import runtime_available
+
+    wanted = [c.strip() for c in (args.configs or ",".join(CONFIGS)).split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown --configs {', '.join(unknown)}; use some of {', '.join(CONFIGS)}")
+    missing = {c: runtime_available(CONFIGS[c]["backend"])[1] for c in wanted
+               if "backend" in CONFIGS[c] and not runtime_available(CONFIGS[c]["backend"])[0]}
+    if missing and args.configs:
+        p.error(f"cannot measure {', '.join(missing)}: {next(iter(missing.values()))}")
+    cfg["configs"] = [c for c in CONFIGS if c == "standalone" or (c in wanted and c not in missing)]
+    cfg["skipped_configs"] = missing
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -77,5 +77,9 @@ class ManifestError(SnexportError):
     """A manifest that is missing, truncated, or fails its schema."""
 
 
+class StorageError(SnexportError):
+    """A disk that refuses writes (read-only, full, no permission): finished work is kept; fix it and re-run."""
+
+
 class BudgetError(SnexportError):
     """No engine meets the caller's budget and the caller asked for strict selection."""

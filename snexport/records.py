@@ -58,8 +58,12 @@ class AnchorSpec(_Record):
     unit_stage: tuple = ()  # stage index of each unit
     stage_widths: tuple = ()  # channels at a unit's output, per stage
     stage_rows: tuple = ()  # tokens (or H*W pixels) per image at a unit's output, per stage
-    stage_layout: tuple = ()  # "tokens" (B, rows, C) or "nchw" (B, C, H, W), per stage
+    # Per stage: "tokens" (B, rows, C), "nhwc" (B, H, W, C: timm >= 0.9 Swin) or "nchw" (B, C, H, W: CNNs)
+    stage_layout: tuple = ()
     head_flops: int = 0
+    # Stages stitched within (the official SN-Net choice per family: Swin 0-2, ResNet 1-2); () = every stage.
+    # A single-stage family (plain ViT) is stitched by the sliding-window rule, a staged one stage by stage.
+    stitch_stages: tuple = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -73,12 +77,15 @@ class Stitch(_Record):
     id: str  # stable and readable: "deit_s:3>deit_b:4", or the anchor name for an anchor
     front: str  # anchor name
     back: str  # anchor name (== front for an anchor)
-    cut: Optional[int]  # j: last front block run (inclusive); None for an anchor
-    resume: Optional[int]  # k: first back block run; None for an anchor
+    cut: Optional[int]  # j: last front unit run (inclusive, flat index); None for an anchor
+    resume: Optional[int]  # k: first back unit run (flat index); None for an anchor
     layer: Optional[int]  # stitching-layer index within its (front, back) pair; None for an anchor
-    blocks: int  # transformer blocks on the path
+    blocks: int  # units (transformer / residual blocks) on the path
     gflops: float
     params: int
+    # Stage the stitch cuts (0 for a plain ViT), None for an anchor. cut/resume are flat unit indices over all
+    # stages (AnchorSpec.unit_stage says which stage a unit belongs to); both lie in this stage.
+    stage: Optional[int] = None
 
     @property
     def is_anchor(self) -> bool:
@@ -94,6 +101,10 @@ class EvalResult(_Record):
     samples: int  # images evaluated (0 when top1 is None)
     dataset: str  # e.g. "digits:val" or an ImageFolder path
     weights_hash: str  # hash of the SN-Net weights that were evaluated; stale lines are redone
+    # "fp32": the PyTorch model (the evaluate stage). Otherwise the top-1 of that precision's exported file, measured
+    # with ONNX Runtime at export time (int8: snexport.export.int8), identified by the file's sha256.
+    precision: str = "fp32"
+    engine_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,7 @@ class Artifact(_Record):
     stitch_id: str
     file: str  # relative to the build directory
     format: str  # "onnx" | "tensorrt"
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8"
     size_bytes: int
     sha256: str
     input_name: str

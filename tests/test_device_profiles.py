@@ -116,7 +116,7 @@ def test_unknown_key_names_key_and_file(tmp_path, text, key):
         ('iterations = 5', 'iterations = 5.5', "'measurement.iterations'"),
         ('percentiles = [50, 99.9]', 'percentiles = [50, "p99"]', "'measurement.percentiles[1]'"),
         ('percentiles = [50, 99.9]', 'percentiles = [50, 120]', "'measurement.percentiles[1]'"),
-        ('backend = "onnxruntime"', 'backend = "openvino"', "'backend'"),
+        ('backend = "onnxruntime"', 'backend = "tflite"', "'backend'"),
         ('precision = "fp32"', 'precision = "int8"', "'precision'"),
         ('threads = 2', 'threads = 0', "'threads'"),
         ('max_duration_s = 1.5', 'max_duration_s = -1.0', "'measurement.max_duration_s'"),

@@ -173,13 +173,28 @@ class DataDependentBranch(torch.nn.Module):
         return -self.fc(x.flatten(1))
 
 
-def test_auto_falls_back_to_torchscript_and_says_why(tmp_path, caplog):
+class NoTorchScriptSymbolic(torch.nn.Module):
+    """``torch.isin`` has no TorchScript ONNX symbolic; the dynamo exporter translates it."""
+
+    def forward(self, x):
+        return torch.isin(x.flatten(1), torch.tensor([0.0, 1.0])).float()
+
+
+def test_auto_tries_torchscript_first_and_keeps_its_graph(tmp_path, caplog):
+    # TorchScript traces the branch taken; the default order never pays for dynamo when TorchScript works.
     with caplog.at_level(logging.WARNING, logger="snexport.export"):
         info = export_onnx(DataDependentBranch(), SHAPE, tmp_path / "m.onnx", exporter="auto")
-    assert info["exporter_kind"] == "torchscript"
-    assert "data-dependent" in info["fallback_reason"]
+    assert info["exporter_kind"] == "torchscript" and info["fallback_reason"] is None
+    assert not caplog.records
+
+
+def test_auto_falls_back_to_dynamo_and_says_why(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="snexport.export"):
+        info = export_onnx(NoTorchScriptSymbolic(), SHAPE, tmp_path / "m.onnx", exporter="auto")
+    assert info["exporter_kind"] == "dynamo"
+    assert "isin" in info["fallback_reason"]
     assert "\x1b[" not in info["fallback_reason"]  # no terminal colour codes in records
-    assert any("falling back to the TorchScript exporter" in r.message for r in caplog.records)
+    assert any("falling back to the dynamo exporter" in r.message for r in caplog.records)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -223,6 +238,76 @@ def test_simplify_keeps_outputs_metadata_and_layernorm(ts_onnx, inputs, tmp_path
     assert op_counts(out)["LayerNormalization"] == 2 * DEPTH + 1
     if tool != "none":
         assert sum(op_counts(out).values()) < sum(op_counts(src).values())
+
+
+@pytest.mark.parametrize("tool", ["onnxsim", "onnxslim"])
+def test_simplifier_never_sees_the_weights_and_gives_them_back_unchanged(ts_onnx, inputs, tool, monkeypatch):
+    import onnxsim
+    import onnxslim
+
+    from snexport.export.simplify import STRIP_BYTES, simplify_model
+
+    src, _ = ts_onnx
+    model = onnx.load(str(src))
+    before = {t.name: t.raw_data for t in model.graph.initializer}
+    seen = []  # what the tool was handed: a spy on the real tool, which still does the work
+    real = {"onnxsim": onnxsim.simplify, "onnxslim": onnxslim.slim}[tool]
+
+    def spy(m, *a, **kw):
+        seen.append(max((len(t.raw_data) for t in m.graph.initializer), default=0))
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(onnxsim if tool == "onnxsim" else onnxslim, "simplify" if tool == "onnxsim" else "slim", spy)
+    out = simplify_model(model, tool)
+    assert seen and seen[0] < STRIP_BYTES  # the weights went around the tool, not through it
+    after = {t.name: t.raw_data for t in out.graph.initializer}
+    big = {k for k, v in before.items() if len(v) >= STRIP_BYTES}
+    assert big and all(after[k] == before[k] for k in big)  # every weight back, bit for bit, as an initializer
+    assert not big & {i.name for i in out.graph.input}
+    np.testing.assert_allclose(run_onnx(out.SerializeToString(), inputs), run_onnx(src, inputs), rtol=1e-5, atol=1e-6)
+    assert sum(Counter(n.op_type for n in out.graph.node).values()) < sum(op_counts(src).values())
+
+
+def test_a_failing_simplifier_leaves_the_callers_model_whole(ts_onnx, monkeypatch):
+    import onnxsim
+
+    from snexport.export.simplify import simplify_model
+
+    model = onnx.load(str(ts_onnx[0]))
+    before = model.SerializeToString()
+    monkeypatch.setattr(onnxsim, "simplify", lambda m, *a, **kw: (_ for _ in ()).throw(RuntimeError("C++ says no")))
+    with pytest.raises(SnexportError, match="onnxsim failed.*C\\+\\+ says no.*--simplifier onnxslim"):
+        simplify_model(model, "onnxsim")
+    restored = onnx.ModelProto()
+    restored.ParseFromString(before)
+    assert {t.name for t in model.graph.initializer} == {t.name for t in restored.graph.initializer}
+    assert [i.name for i in model.graph.input] == [i.name for i in restored.graph.input]
+
+
+def test_export_model_works_in_memory_and_run_onnx_takes_the_bytes(model, inputs, tmp_path, monkeypatch):
+    from snexport.export.onnx_export import export_model
+
+    monkeypatch.chdir(tmp_path)
+    proto, info = export_model(model, SHAPE, exporter="torchscript", metadata={"k": "v"})
+    assert list(tmp_path.iterdir()) == []  # no file, not even a temporary one
+    assert "size_bytes" not in info and info["input_shape"] == (1, *SHAPE)
+    assert {p.key: p.value for p in proto.metadata_props} == {"k": "v"}
+    np.testing.assert_allclose(run_onnx(proto.SerializeToString(), inputs), reference_logits(model, inputs),
+                               rtol=1e-4, atol=1e-5)
+    # with_bytes: the exporter's own serialization of the same graph (what the stage validates as the raw export)
+    for kind in ("torchscript", "dynamo"):
+        proto, _, data = export_model(model, SHAPE, exporter=kind, with_bytes=True)
+        assert onnx.load_from_string(data).graph == proto.graph
+
+
+def test_tensorrt_check_of_the_weightless_skeleton_matches_the_full_model(ts_onnx):
+    from snexport.export.stage import _to_skeleton
+    from snexport.export.trt_compat import check_tensorrt_compat
+
+    full = check_tensorrt_compat(ts_onnx[0])
+    skeleton = _to_skeleton(onnx.load(str(ts_onnx[0])))
+    assert max(len(t.raw_data) for t in skeleton.graph.initializer) < 4096
+    assert check_tensorrt_compat(skeleton) == full
 
 
 def test_unknown_simplifier_is_refused(ts_onnx, tmp_path):
@@ -445,6 +530,15 @@ def test_stage_exports_validates_and_records_every_stitch(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(logits, module(torch.from_numpy(inputs)).numpy(), rtol=1e-5, atol=1e-5)
     assert len({x.reference["inputs"] for x in arts}) == 1  # one inputs file serves every stitch
+
+
+def test_stage_records_the_seconds_of_every_phase(tmp_path):
+    arts = run_stage(tmp_path, Materializer(), formats=("onnx", "onnx-fp16"))
+    assert set(arts[0].validation["seconds"]) == {"materialize", "reference", "export", "validate_export",
+                                                  "simplify", "validate_simplified", "tensorrt_check",
+                                                  "write_and_hash"}
+    assert set(arts[1].validation["seconds"]) == {"cast", "validate", "write_and_hash"}
+    assert all(v >= 0 for a in arts for v in a.validation["seconds"].values())
 
 
 def test_stage_resume_redoes_exactly_the_corrupt_and_missing_files(tmp_path):

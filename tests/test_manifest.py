@@ -128,6 +128,62 @@ def test_missing_manifest_says_how_to_make_one(tmp_path):
         mf.read_manifest(tmp_path / "manifest.json")
 
 
+# -- hostile manifests (issue 8): limits checked where the file enters ------------------------------------------
+
+
+def _write_text(tmp_path, text: str):
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    return path
+
+
+def test_deep_nesting_is_refused_before_json_loads_recurses(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads raised RecursionError on this
+    path = _write_text(tmp_path, json.dumps(sample_manifest()).replace('"fingerprint": {', f'"x": {deep}, '
+                                                                        '"fingerprint": {', 1))
+    with pytest.raises(ManifestError, match="nested deeper"):
+        mf.read_manifest(path)
+
+
+@pytest.mark.parametrize("field", ['"rss_load_delta_mb": 5.0', '"gflops": 0.02', '"weights_used_bytes": 2048',
+                                   '"p90": 1.0'])
+def test_numbers_that_overflow_a_float_are_refused(tmp_path, field):
+    # Integers >= 10**309 passed the schema and raised OverflowError in engine_memory_mb, memory_cost_mb,
+    # the latency percentile and float(gflops).
+    key = field.split(":")[0]
+    path = _write_text(tmp_path, json.dumps(sample_manifest()).replace(field, f"{key}: 1{'0' * 309}", 1))
+    with pytest.raises(ManifestError, match="out of range"):
+        mf.read_manifest(path)
+
+
+def test_oversized_manifest_is_refused_without_parsing(tmp_path):
+    path = _write_text(tmp_path, " " * (mf.MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(ManifestError, match="limit"):
+        mf.read_manifest(path)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("engines/" + "x" * 300 + ".onnx", "longer than a file system allows"),  # ENAMETOOLONG in the selector
+    ("engines/" + "d/" * 2100 + "e.onnx", "longer than a file system allows"),
+    (r"engines/a\u0000.onnx", "control characters"),  # a NUL made os.stat raise ValueError
+    (r"engines/a\nb.onnx", "control characters"),
+])
+def test_file_names_the_file_system_cannot_take_are_refused(tmp_path, name, problem):
+    data = sample_manifest()
+    data["engines"][0]["file"] = "PLACEHOLDER"
+    path = _write_text(tmp_path, json.dumps(data).replace("PLACEHOLDER", name))
+    with pytest.raises(ManifestError, match=problem):
+        mf.read_manifest(path)
+
+
+@pytest.mark.parametrize("threads", ["four", [], 0, -2, True, 2.5])
+def test_device_thread_counts_must_be_whole_numbers(threads):
+    data = sample_manifest()
+    data["devices"]["x86-cpu-xeon-11111111"]["settings"]["threads"] = threads
+    with pytest.raises(ManifestError, match="settings.threads"):
+        mf.validate_manifest(data)
+
+
 @pytest.mark.parametrize(
     "edit, expected",
     [

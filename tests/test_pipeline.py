@@ -15,6 +15,8 @@ from snexport.errors import BackendUnavailableError, UnknownStitchError
 QUICK_PROFILE = """
 description = "x86 CPU, short measurements for tests"
 backend = "onnxruntime"
+# ONNX Runtime alone (its device-optimized pack): other CPU runtimes are measured beside it in test_openvino.py
+backends = ["onnxruntime"]
 precision = "fp32"
 threads = 1
 memory_budget_mb = 512
@@ -201,7 +203,13 @@ def test_plot_axes_fit_what_is_known(built):
     from snexport.device.report import _points, plot_axes
 
     rows = _points(built["manifest"], built["device_key"])
-    assert plot_axes(rows) == (("latency", "measured latency p50 (ms)"), ("top1", "top-1 accuracy (%)"))
+    assert plot_axes(rows) == (("latency", "measured latency p50 (ms), bars: its confidence interval"),
+                               ("top1", "top-1 accuracy (%)"))
+    assert all(r["ci"][0] <= r["latency"] <= r["ci"][1] for r in rows)  # interval drawn around each point
+    # No energy sensor here: the energy axis falls back to latency rather than plotting nothing.
+    assert all(r["energy"] is None for r in rows) and plot_axes(rows, "energy")[0][0] == "latency"
+    with_energy = [dict(r, energy=0.1 * (i + 1)) for i, r in enumerate(rows)]
+    assert plot_axes(with_energy, "energy")[0] == ("energy", "measured energy per inference (mJ)")
     unmeasured = _points(built["manifest"], None)
     assert plot_axes(unmeasured)[0][0] == "gflops"
     blind = [dict(r, top1=None) for r in unmeasured]  # architecture-only build: accuracy unknown, not profiled

@@ -163,7 +163,8 @@ def test_fingerprint_survives_unreadable_system(monkeypatch):
     monkeypatch.setattr(profiling.os, "cpu_count", lambda: (_ for _ in ()).throw(OSError("no")))
     fp = device_fingerprint()
     assert fp["memory_total_bytes"] is None and fp["cpu"]["logical_cores"] is None
-    assert fp["jetson"] == {"l4t_release": None, "power_mode": None, "gpu_cur_freq_hz": None, "nvmap_used_bytes": None}
+    assert fp["jetson"] == {"l4t_release": None, "power_mode": None, "clocks_pinned": None, "gpu_cur_freq_hz": None,
+                            "nvmap_used_bytes": None}
     json.dumps(fp)
 
 

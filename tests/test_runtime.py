@@ -228,11 +228,26 @@ def test_engine_version_check():
         check_engine_version("10.3.0", "10.7.0")
 
 
+def test_tensorrt_runner_needs_cuda_python_not_torch(monkeypatch):
+    """The TensorRT runner's buffers come from cuda-python; without it the error names the extra to install."""
+    from snexport.device.runtime import tensorrt_runner
+
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import raise ImportError
+    with pytest.raises(BackendUnavailableError, match=r"cuda-python.*snexport\[tensorrt\]"):
+        tensorrt_runner.import_cudart()
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="TensorRT engines need a CUDA GPU")
 def test_tensorrt_runner_matches_torch(vit, vit_onnx, x, tmp_path):
-    trt = pytest.importorskip("tensorrt", reason="the tensorrt package is not installed on this machine")
+    from snexport.device.runtime.backends import runtime_available
+
+    ok, why = runtime_available("tensorrt")  # tensorrt installed and a GPU that cuda-python sees
+    if not ok:
+        pytest.skip(why)
+    trt = pytest.importorskip("tensorrt")
+    pytest.importorskip("cuda", reason="the TensorRT runner needs cuda-python (pip install 'snexport[tensorrt]')")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)

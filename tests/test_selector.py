@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snexport.errors import BudgetError, ManifestError
+from snexport.errors import BudgetError, ManifestError, SettingsError
 from snexport.hashing import sha256_file
 from snexport.device.manifest import device_key, write_manifest
 from snexport.device.runtime import open_runner
@@ -154,6 +154,43 @@ def test_the_percentile_decides_what_fits(engines_dir):
         assert p90.info("big").latency_ms == 9.0 and p50.info("big").latency_ms == 3.0
     with pytest.raises(ValueError, match="percentile"):
         Selector(path, percentile="p95")
+
+
+def _with_energy(engines, mj):
+    for e, value in zip(engines, mj):
+        e["measurements"][DEVICE]["energy"] = {
+            "mj_per_inference": value, "mean_power_w": None if value is None else 20.0,
+            "source": None if value is None else "rapl:package-0", "reason": "no sensor" if value is None else None}
+    return engines
+
+
+def test_energy_is_a_budget_beside_latency_and_memory(engines_dir):
+    engines = _with_energy(three(engines_dir), (2.0, 8.0, 30.0))
+    with Selector(write(engines_dir, "energy", engines), mode="on_demand") as sel:
+        assert [sel.info(n).energy_mj for n in ("small", "mid", "big")] == [2.0, 8.0, 30.0]
+        assert sel.choose(energy_mj=10).id == "mid"
+        assert sel.choose(energy_mj=8).id == "mid"  # inclusive, like the other budgets
+        assert sel.choose(energy_mj=5, latency_ms=100).id == "small"
+        assert sel.choose(latency_ms=5.0, energy_mj=1000).id == "mid"  # every limit must hold
+        with pytest.raises(BudgetError, match="energy <= 1 mJ"):
+            sel.choose(energy_mj=1, strict=True)
+        assert sel.set_budget(energy_mj=9).id == "mid" and sel.energy_budget == 9
+        assert sel.set_budget(latency_ms=2.0).id == "small" and sel.energy_budget == 9  # omitted: kept
+        for bad in (float("nan"), -1.0, "5", True):
+            with pytest.raises(SettingsError, match="energy_mj"):
+                sel.choose(energy_mj=bad)
+
+
+def test_an_engine_without_an_energy_measurement_never_fits_an_energy_budget(engines_dir):
+    engines = _with_energy(three(engines_dir), (None, 8.0, 30.0))
+    with Selector(write(engines_dir, "energy-gap", engines), mode="on_demand") as sel:
+        assert sel.info("small").energy_mj is None
+        assert sel.choose(energy_mj=100).id == "big" and sel.choose(energy_mj=10).id == "mid"
+    none = _with_energy(three(engines_dir), (None, None, None))
+    with Selector(write(engines_dir, "energy-none", none), mode="on_demand") as sel:
+        assert sel.choose().id == "big"  # no energy budget: energy plays no part
+        with pytest.raises(ManifestError, match="no engine has an energy measurement.*no sensor"):
+            sel.choose(energy_mj=100)
 
 
 def test_budget_nobody_meets_warns_and_falls_back_or_raises_when_strict(engines_dir):
@@ -614,3 +651,100 @@ def test_example_app_reads_images_and_labels(measured_build, tmp_path):
     assert "top-1 over 24 images" in done.stdout
     bad = _run_example(str(measured_build / "nope.json"))
     assert bad.returncode != 0 and "no manifest at" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- hostile manifests and bad arguments (issue 8) ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_thread_counts_are_checked_before_onnx_runtime_sees_them(engines_dir):
+    """5000 threads made the constructor hang for minutes creating ONNX Runtime thread pools."""
+    from snexport.device.selector import max_threads
+    from snexport.errors import SettingsError
+
+    hostile = {DEVICE: dict(device(), settings={"backend": "onnxruntime", "threads": 5000})}
+    path = write(engines_dir, "threads", three(engines_dir), devices=hostile)
+    if 5000 <= max_threads():
+        pytest.skip("this machine has 1250+ cores")
+    with pytest.raises(ManifestError, match=r"threads.*is 5000.*1 to \d+"):
+        Selector(path)
+    with Selector(path, mode="on_demand", runner_options={"threads": 1}) as sel:  # the caller's override wins
+        assert sel.run(X).shape == (1, 10)
+    with pytest.raises(SettingsError, match="threads"):
+        Selector(path, runner_options={"threads": 0})
+
+
+def test_candidates_must_name_at_least_one_engine(engines_dir):
+    from snexport.errors import SettingsError
+
+    path = write(engines_dir, "cands", three(engines_dir))
+    with pytest.raises(SettingsError, match="candidates is empty"):  # was an IndexError
+        Selector(path, candidates=[])
+    with pytest.raises(SettingsError, match="list of engine ids"):  # a string would be iterated letter by letter
+        Selector(path, candidates="mid")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, True, "5", float("inf"), 10**309, [3]],
+                         ids=["nan", "negative", "bool", "str", "inf", "10**309", "list"])
+def test_budgets_must_be_finite_non_negative_numbers(engines_dir, bad):
+    from snexport.errors import SettingsError
+
+    path = write(engines_dir, "budgets", three(engines_dir))
+    with pytest.raises(SettingsError, match="budget"):
+        Selector(path, mode="on_demand", latency_ms=bad)
+    with Selector(path, mode="on_demand", latency_ms=5.0, feedback=FeedbackConfig()) as sel:
+        for call in (lambda: sel.choose(latency_ms=bad), lambda: sel.choose(memory_mb=bad),
+                     lambda: sel.set_budget(latency_ms=bad), lambda: sel.set_budget(memory_mb=bad)):
+            with pytest.raises(SettingsError, match="budget"):
+                call()
+        assert sel.budget == (5.0, None)  # a refused budget never becomes the active one (NaN was kept)
+        assert sel.active.id == "mid"
+        if not isinstance(bad, (list, str)):
+            with pytest.raises(SettingsError, match="observe"):
+                sel.observe(bad if not isinstance(bad, bool) else True)
+        with pytest.warns(SelectorWarning, match="no engine"):
+            assert sel.choose(latency_ms=0).id == "small"  # zero is a (harsh) budget, not an error
+
+
+def test_engine_linked_outside_the_build_directory_is_refused(engines_dir, tmp_path):
+    root = _copy_build(engines_dir, tmp_path / "build")
+    path = write(root, "escape", three(root))
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copyfile(root / "engines" / "big.onnx", outside)  # same bytes: the hash check alone would pass it
+    (root / "engines" / "big.onnx").unlink()
+    (root / "engines" / "big.onnx").symlink_to(outside)
+    with pytest.warns(SelectorWarning, match="engine big left out.*leads outside"):
+        with Selector(path, mode="on_demand") as sel:
+            assert [e.id for e in sel.engines] == ["small", "mid"]
+    with pytest.warns(SelectorWarning), pytest.raises(ManifestError, match="leads outside"):
+        Selector(path, candidates=["big"])
+
+
+def test_engine_that_is_not_a_model_is_a_one_line_error(engines_dir, tmp_path):
+    """An engine linked (inside the directory) to a non-ONNX file whose hash the manifest claims: the runtime's
+    InvalidProtobuf error becomes one ManifestError line."""
+    root = _copy_build(engines_dir, tmp_path / "build")
+    (root / "engines" / "notes.txt").write_bytes(b"these are not the weights you are looking for\n" * 20)
+    (root / "engines" / "big.onnx").unlink()
+    (root / "engines" / "big.onnx").symlink_to("notes.txt")
+    engines = three(root)
+    engines[2].update(sha256=sha256_file(root / "engines" / "notes.txt"),
+                      size_bytes=(root / "engines" / "notes.txt").stat().st_size)
+    path = write(root, "garbage", engines)
+    with pytest.raises(ManifestError, match=r"cannot load engine big: ONNX Runtime cannot open .*InvalidProtobuf"
+                       ) as info:
+        Selector(path, mode="preload")
+    assert "\n" not in str(info.value)
+    with Selector(path, mode="on_demand", latency_ms=5.0) as sel:
+        with pytest.raises(ManifestError, match=r"not a valid \.onnx engine"):
+            sel.switch("big")
+        assert sel.active.id == "mid"  # the failed switch changed nothing
+
+
+def test_manifest_input_shape_must_be_what_the_engine_takes(engines_dir):
+    engines = three(engines_dir)
+    engines[1]["input"]["shape"] = [1, 1, 7, 8]
+    path = write(engines_dir, "shape", engines)
+    with Selector(path, mode="on_demand", latency_ms=2.0) as sel:
+        with pytest.raises(ManifestError, match=r"mid takes input \[1, 1, 8, 8\] but the manifest says \[1, 1, 7, 8\]"):
+            sel.switch("mid")

@@ -45,10 +45,10 @@ def _register() -> None:
     for module in (cmd_select, cmd_export):
         module.register(app)
     try:
-        from snexport.cli import cmd_bench, cmd_build  # noqa: F401
+        from snexport.cli import cmd_bench, cmd_build, cmd_bundle  # noqa: F401
     except ImportError:
         return
-    for module in (cmd_bench, cmd_build):
+    for module in (cmd_bench, cmd_bundle, cmd_build):
         module.register(app)
 
 
@@ -56,6 +56,8 @@ _register()
 
 
 def main() -> None:
+    from rich.markup import escape
+
     from snexport.errors import SnexportError
 
     try:
@@ -63,8 +65,26 @@ def main() -> None:
     except SnexportError as exc:
         from snexport.cli.common import err
 
-        err.print(f"[bold red]error:[/] {exc}", markup=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)  # escaped: "pip install 'snexport[ort]'"
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:  # a host-only command in a device-only install: say which extra
+        from snexport.cli.common import err, missing_extra
+
+        hint = missing_extra(exc)
+        if hint is None:
+            raise
+        err.print(f"[bold red]error:[/] {escape(hint)}", markup=True, highlight=False)
+        sys.exit(1)
+    except OSError as exc:  # a disk that refused a write mid-command (full, read-only): the environment, not a bug
+        from snexport.buildfiles import STORAGE_ERRNOS, storage_error
+        from snexport.cli.common import err
+
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        where = exc.filename or "the output directory"
+        err.print(f"[bold red]error:[/] {storage_error(exc, where, 'this command writes there')}", markup=True,
+                  highlight=False)
+        sys.exit(1)
     except KeyboardInterrupt:
         from snexport.cli.common import err
 

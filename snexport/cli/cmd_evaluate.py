@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from snexport.cli.common import fmt_acc, fmt_params, out, print_json
+from snexport.cli.common import fmt_acc, fmt_params, interruptible, out, print_json
 
 
 def results_table(results, title: str):
@@ -23,19 +23,30 @@ def results_table(results, title: str):
     return t
 
 
+@interruptible(lambda build_dir, **_: f"results so far are kept in {build_dir}/eval.jsonl; re-run `snexport "
+               f"evaluate {build_dir}` to evaluate the rest")
 def evaluate_cmd(
     build_dir: Annotated[Path, typer.Argument(help="Build directory.")],
     stitches: Annotated[Optional[str], typer.Option(help="Comma-separated configuration ids; default all.")] = None,
     data: Annotated[Optional[str], typer.Option(help="ImageFolder root; default: the build's data.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines' content as one list.")] = False,
 ):
-    """Evaluate configurations into eval.jsonl (resumable: finished ones are skipped)."""
+    """Evaluate configurations into eval.jsonl (resumable: finished ones are skipped).
+
+    Multi-process: `torchrun --standalone --nproc_per_node 2 -m snexport.cli.app evaluate BUILD` splits the
+    configurations among the ranks (gloo on CPU, nccl on GPU); rank 0 writes eval.jsonl and prints the table.
+    """
+    from snexport.buildfiles import require_writable
+    from snexport.data.distributed import is_main_process
     from snexport.stitching.store import BuildDir
     from snexport.evaluation.evaluate import evaluate_build
 
     build = BuildDir(build_dir).require()
+    require_writable(build.root, "snexport evaluate")  # results go to eval.jsonl as they come
     ids = [s.strip() for s in stitches.split(",") if s.strip()] if stitches else None
     results = evaluate_build(build, ids, data)
+    if not is_main_process():
+        return  # every rank holds the same results; one prints them
     if as_json:
         print_json([r.to_dict() for r in results])
         return

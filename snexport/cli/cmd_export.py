@@ -7,9 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from snexport.cli.common import err, out
+from snexport.cli.common import err, interruptible, out
 
 
+@interruptible(lambda build_dir, **_: f"stitches exported so far are kept (listed in {build_dir}/exports.json); "
+               f"re-run `snexport export {build_dir}` with the same options to export the rest")
 def export_cmd(
     build_dir: Annotated[Path, typer.Argument(help="Build directory.")] = Path("build"),
     stitches: Annotated[str, typer.Option(help="'pareto' (by FLOPs, default), 'all', or comma-separated ids.")] = "pareto",
@@ -21,7 +23,11 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help="onnx, or tensorrt (builds engines; needs TensorRT and "
                                      "a GPU).")] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write FP16 ONNX (LayerNorm/Softmax in FP32), "
-                                       "validated on CPU.")] = False,
+                                       "validated on CPU (same as adding fp16 to --precision).")] = False,
+    precision: Annotated[Optional[str], typer.Option(help="Precisions of the ONNX files, comma-separated: fp32 "
+                                                     "(always), fp16, int8 (static QDQ for ONNX Runtime, calibrated "
+                                                     "on the build's calibration images, its top-1 measured on the "
+                                                     "validation split). Default: fp32.")] = None,
     target: Annotated[str, typer.Option(help="Device profile for --format tensorrt (precision, workspace).")] = "cuda-gpu",
     pack: Annotated[Optional[bool], typer.Option("--pack/--no-pack", help="Also write a shared-weight pack: every "
                                                  "distinct tensor stored once (default for ONNX Runtime).")] = None,
@@ -29,8 +35,9 @@ def export_cmd(
     """Export, simplify and validate each stitch against PyTorch; record every file in exports.json."""
     from snexport.stitching.store import BuildDir
     from snexport.device.tensorrt_build import engines_stage
-    from snexport.export.deploy import export_stage
+    from snexport.export.deploy import export_stage, parse_precisions
 
+    precisions = parse_precisions(precision, fp16)  # a typo fails before anything is read
     build = BuildDir(build_dir).require()
     if fmt not in ("onnx", "tensorrt"):
         from snexport.errors import SnexportError
@@ -43,8 +50,9 @@ def export_cmd(
         profile = load_profile(target)
         fp16 = fp16 or profile.precision == "fp16"
     pack = (fmt == "onnx") if pack is None else pack
+    precisions = parse_precisions(precisions, fp16)  # --format tensorrt may have turned fp16 on
     arts = export_stage(build, stitches, opset=opset, simplifier=simplifier, batch=batch, exporter=exporter, fp16=fp16,
-                        pack=pack, profile=profile)
+                        pack=pack, profile=profile, precisions=precisions)
     from rich.table import Table
 
     t = Table(title=f"{len(arts)} ONNX files in {build.engines_dir}")

@@ -18,7 +18,12 @@ def plan_cmd(
     two_way: Annotated[bool, typer.Option("--two-way", help="Also Slow-to-Fast stitches (SN-Netv2).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
-    """Enumerate every stitch of the anchors with its route, FLOPs (paper convention) and params."""
+    """Enumerate every stitch of the anchors with its route, FLOPs (paper convention) and params.
+
+    Plain ViTs (DeiT, ViT) are stitched by sliding windows over their blocks; anchors with stages (Swin, ResNet,
+    ResNet→Swin) within one stage at a time, between the same stage of neighbouring anchors (--window/--stride
+    apply to equal stage depths). cut and resume count units over all stages; the stage column says where.
+    """
     from snexport.families.registry import describe_anchors, split_anchor_names
     from snexport.stitching.plan import PlanSettings, plan_stitches
 
@@ -30,11 +35,12 @@ def plan_cmd(
 
     t = Table(title=f"{len(plan.stitches)} configurations ({len(plan.anchors)} anchors + {len(plan.stitch_only)} "
                     f"stitches), {plan.num_layers} stitching layers")
-    for col in ("id", "front", "cut", "back", "resume", "layer", "blocks", "GFLOPs", "params"):
+    for col in ("id", "front", "stage", "cut", "back", "resume", "layer", "blocks", "GFLOPs", "params"):
         t.add_column(col, justify="left" if col in ("id", "front", "back") else "right")
     for s in sorted(plan.stitches, key=lambda s: s.gflops):
         dash = "-"
-        t.add_row(s.id, s.front, dash if s.cut is None else str(s.cut), dash if s.is_anchor else s.back,
+        t.add_row(s.id, s.front, dash if s.stage is None else str(s.stage), dash if s.cut is None else str(s.cut),
+                  dash if s.is_anchor else s.back,
                   dash if s.resume is None else str(s.resume), dash if s.layer is None else str(s.layer),
                   str(s.blocks), f"{s.gflops:.3f}", fmt_params(s.params))
     out.print(t)
@@ -42,11 +48,11 @@ def plan_cmd(
 
 def plan_json(plan) -> dict:
     return {
-        "anchors": [{"name": a.name, "timm_name": a.timm_name, "depth": a.depth, "width": a.width,
-                     "gflops": round(a.gflops, 3), "params": a.params} for a in plan.anchors],
-        "stitches": [{"id": s.id, "front": s.front, "back": s.back, "cut": s.cut, "resume": s.resume,
-                      "layer": s.layer, "blocks": s.blocks, "gflops": round(s.gflops, 3), "params": s.params}
-                     for s in plan.stitch_only],
+        "anchors": [{"name": a.name, "timm_name": a.timm_name, "family": a.family, "depth": a.depth,
+                     "width": a.width, "gflops": round(a.gflops, 3), "params": a.params} for a in plan.anchors],
+        "stitches": [{"id": s.id, "front": s.front, "back": s.back, "stage": s.stage, "cut": s.cut,
+                      "resume": s.resume, "layer": s.layer, "blocks": s.blocks, "gflops": round(s.gflops, 3),
+                      "params": s.params} for s in plan.stitch_only],
         "num_layers": plan.num_layers,
         "settings": plan.settings.to_dict(),
     }

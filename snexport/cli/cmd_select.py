@@ -17,29 +17,39 @@ def select_cmd(
     stitches: Annotated[str, typer.Option(help="'pareto', 'all', or comma-separated ids.")] = "pareto",
     latency_ms: Annotated[Optional[float], typer.Option(help="Show the selector's pick under this latency budget.")] = None,
     memory_mb: Annotated[Optional[float], typer.Option(help="... and this memory budget (MB).")] = None,
-    percentile: Annotated[str, typer.Option(help="Latency percentile the budget applies to.")] = "p90",
+    energy_mj: Annotated[Optional[float], typer.Option(help="... and this energy budget (mJ per inference, "
+                                                       "measured by bench where the device has a sensor).")] = None,
+    percentile: Annotated[str, typer.Option(help="Latency percentile the budget applies to (p90: pooled over "
+                                            "every timed round of bench).")] = "p90",
     strict: Annotated[bool, typer.Option("--strict", help="Fail when no engine meets the budget.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Write and print the Pareto candidates; with --latency-ms/--memory-mb, ask the selector instead."""
-    from snexport.stitching.store import BuildDir
+    """Write and print the Pareto candidates; with --latency-ms/--memory-mb/--energy-mj, ask the selector instead."""
+    from snexport.buildfiles import BuildFiles
+    from snexport.errors import BuildDirError
 
-    build = BuildDir(build_dir).require()
-    if latency_ms is not None or memory_mb is not None:
+    if latency_ms is not None or memory_mb is not None or energy_mj is not None:
+        # The selector's pick: device half only (manifest + engines), so it works on a bundle and a bare install.
         from snexport.device.selector import Selector
 
+        build = BuildFiles(build_dir).require_deployable()
         with Selector(build.manifest_path, percentile=percentile, mode="on_demand", cache_size=1) as sel:
-            info = sel.choose(latency_ms=latency_ms, memory_mb=memory_mb, strict=strict)
+            info = sel.choose(latency_ms=latency_ms, memory_mb=memory_mb, strict=strict, energy_mj=energy_mj)
         if as_json:
-            print_json({"stitch_id": info.stitch_id, "top1": info.top1, "file": info.file,
-                        "latency_ms": info.latency_ms, "memory_mb": info.memory_mb})
+            print_json({"stitch_id": info.stitch_id, "top1": info.top1, "file": str(info.file),
+                        "latency_ms": info.latency_ms, "memory_mb": info.memory_mb, "energy_mj": info.energy_mj})
         else:
+            energy = "" if info.energy_mj is None else f", {info.energy_mj:.3g} mJ"
             out.print(f"{info.stitch_id}: top-1 {fmt_acc(info.top1)}, {percentile} "
-                      f"{info.latency_ms:.3f} ms, {info.memory_mb:.1f} MB  ({info.file})")
+                      f"{info.latency_ms:.3f} ms, {info.memory_mb:.1f} MB{energy}  ({info.file})")
         return
+    if BuildFiles(build_dir).is_bundle:
+        raise BuildDirError(f"{build_dir} is a device bundle: choosing the Pareto candidates needs the build's plan "
+                            "and evaluation, on the host; here, ask the selector with --latency-ms, --memory-mb and/or --energy-mj")
     from snexport.selection.select import select_stage
+    from snexport.stitching.store import BuildDir
 
-    doc = select_stage(build, by=by, stitches=stitches)
+    doc = select_stage(BuildDir(build_dir).require(), by=by, stitches=stitches)
     if as_json:
         print_json(doc)
         return

@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from snexport.cli.common import ANCHORS_HELP, err, out
+from snexport.cli.common import ANCHORS_HELP, err, interruptible, out
 
 WEIGHTS_HELP = "Local weights per anchor, NAME=PATH (.safetensors or .pth); repeat or comma-separate."
 
 
+@interruptible(lambda out_dir, **_: f"nothing was written to {out_dir} (a build appears only once the stitch stage "
+               "finishes); re-run the same command")
 def stitch_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Build directory to create.")] = Path("build"),
     anchors: Annotated[Optional[str], typer.Option("--anchors", "-a", help=ANCHORS_HELP)] = None,

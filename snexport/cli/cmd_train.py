@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from snexport.cli.common import out
+from snexport.cli.common import on_interrupt, out
 
 
 def train_cmd(
@@ -39,13 +39,35 @@ def train_cmd(
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, anchor_lr_scale=anchor_lr_scale,
                              weight_decay=weight_decay, warmup_epochs=warmup_epochs, sampling=sampling,
                              distill=distill, seed=seed, data=data or "")
-    summary = train_build(build, settings, resume=resume, restart=restart, log=out.print)
+    with on_interrupt(_interrupted(build, restart)):
+        summary = train_build(build, settings, resume=resume, restart=restart, log=out.print)
     if summary["history"]:
         last = summary["history"][-1]
         out.print(f"trained epochs {summary['epochs_done']}/{summary['epochs_total']} on {summary['world_size']} "
                   f"process(es) in {summary['seconds']} s; last loss {last['loss']:.4f}")
     else:
         out.print(f"nothing to train: {summary['epochs_done']}/{summary['epochs_total']} epochs already done")
+
+
+def _interrupted(build, restart: bool):
+    """The line Ctrl-C prints: what training is on disk now, and the command that continues it."""
+    from snexport import buildfiles as files
+    from snexport.training.train import checkpoint_epochs
+
+    state = build.path(files.TRAIN_STATE)
+    before = state.stat().st_mtime_ns if state.is_file() else None
+
+    def message() -> str:
+        now = state.stat().st_mtime_ns if state.is_file() else None
+        if restart and now == before:
+            return (f"the restart had not finished an epoch, so the previous training in {build.root} is kept as it "
+                    f"was; run `snexport train {build.root} --restart` again")
+        done = checkpoint_epochs(build)
+        if not done:
+            return f"no epoch had finished, nothing was changed; run `snexport train {build.root}` again"
+        return f"{done} finished epoch(s) are kept; continue with `snexport train {build.root} --resume`"
+
+    return message
 
 
 def register(app: typer.Typer) -> None:

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
-from snexport.buildfiles import MANIFEST
+from snexport.buildfiles import MANIFEST, parse_json, read_limited
 from snexport.errors import ManifestError
 from snexport.hashing import PathLike, atomic_write_text, sha256_json
 
@@ -26,6 +26,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = MANIFEST
 
 _RERUN = "re-run `snexport build` (or `snexport bench` on the device) to write it again"
+MAX_MANIFEST_BYTES = 16 << 20  # ~100x the manifest of 32 engines measured on 3 devices
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,16 +282,28 @@ def _consistency_issues(data: dict) -> list[Issue]:
     return out
 
 
+# POSIX limits every file system we run on shares (NAME_MAX, PATH_MAX): longer names fail with ENAMETOOLONG.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
 def _relpath_problem(path: Optional[str]) -> str:
     # The selector joins these to the manifest's directory; an absolute or escaping path would let a manifest
-    # point outside its build directory, and a backslash path would not resolve on the (POSIX) device.
+    # point outside its build directory, and a backslash path would not resolve on the (POSIX) device. (Symlinks
+    # that leave the directory are refused where the files are opened: the selector resolves them.)
     if path is None:
         return ""
     if "\\" in path:
-        return f"must use '/' separators, got {path!r}"
+        return f"must use '/' separators, got {_short(path)}"
+    if any(ord(ch) < 32 for ch in path):
+        return f"must not contain control characters, got {_short(path)}"
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts:
-        return f"must be relative to the manifest's directory without '..', got {path!r}"
+        return f"must be relative to the manifest's directory without '..', got {_short(path)}"
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or any(
+            len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in pure.parts):
+        return (f"is longer than a file system allows ({MAX_NAME_BYTES} bytes per name, {MAX_PATH_BYTES} in all), "
+                f"got {_short(path)}")
     return ""
 
 
@@ -319,28 +332,24 @@ def validate_manifest(data: Any) -> None:
 def read_manifest(path: PathLike) -> dict:
     """Load and validate a manifest (a build directory is accepted and means its manifest.json)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
     try:
-        raw = path.read_bytes()
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        raw = read_limited(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ManifestError(f"no manifest at {path}; run `snexport build` to create it") from None
-    except OSError as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, or over the size limit
+        raise ManifestError(f"cannot read manifest {_short(str(path))}: {exc}") from None
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+        # Limits before parsing (size, nesting, 64-bit integers, finite numbers): the manifest is untrusted input.
+        data = parse_json(raw, allow_nan=False, max_bytes=MAX_MANIFEST_BYTES)
+    except ValueError as exc:
         raise ManifestError(f"manifest {path} is truncated or corrupt ({exc}); {_RERUN}") from None
     try:
         validate_manifest(data)
     except ManifestError as exc:
         raise ManifestError(f"{path}: {exc}; fix the field or {_RERUN}") from None
     return data
-
-
-def _reject_constant(name: str) -> None:
-    # Python's json accepts NaN/Infinity, which are not JSON; a manifest holding them came from a broken writer.
-    raise ValueError(f"non-JSON number {name}")
 
 
 def write_manifest(path: PathLike, data: Mapping[str, Any]) -> Path:
@@ -425,13 +434,16 @@ def merge_measurements(
 ) -> dict:
     """A new manifest whose measurements for ``device_key`` are exactly the given ones; other devices are kept.
 
-    ``device_info`` holds profile, fingerprint, settings (and optionally measured_at, default now). Each
-    measurement's ``pareto`` flag is set from ``pareto_ids``. Engines absent from ``measurements_by_stitch_id``
-    end up not profiled on this device. The input is not modified; the result is validated.
+    ``device_info`` holds profile, fingerprint, settings (and optionally measured_at, default now). Measurements
+    and ``pareto_ids`` are keyed by engine id (``engine_ids``: the stitch id, unless the manifest holds several
+    files of that stitch). Each measurement's ``pareto`` flag is set from ``pareto_ids``. Engines absent from
+    ``measurements_by_stitch_id`` end up not profiled on this device. The input is not modified; the result is
+    validated.
     """
     result = copy.deepcopy(dict(manifest))
     engines = result.get("engines", [])
-    ids = {e.get("stitch_id") for e in engines}
+    keys = engine_ids(engines)
+    ids = set(keys)
     unknown = sorted(set(measurements_by_stitch_id) - ids)
     pareto = set(pareto_ids)
     not_measured = sorted(pareto - set(measurements_by_stitch_id))
@@ -445,15 +457,30 @@ def merge_measurements(
     info = dict(copy.deepcopy(device_info))
     info.setdefault("measured_at", utc_now())
     result.setdefault("devices", {})[device_key] = info
-    for engine in engines:
+    for engine, eid in zip(engines, keys):
         per_device = engine.setdefault("measurements", {})
         per_device.pop(device_key, None)
-        if engine["stitch_id"] in measurements_by_stitch_id:
-            m = copy.deepcopy(dict(measurements_by_stitch_id[engine["stitch_id"]]))
-            m["pareto"] = engine["stitch_id"] in pareto
+        if eid in measurements_by_stitch_id:
+            m = copy.deepcopy(dict(measurements_by_stitch_id[eid]))
+            m["pareto"] = eid in pareto
             per_device[device_key] = m
     validate_manifest(result)
     return result
+
+
+def engine_ids(engines: Iterable[Any]) -> list[str]:
+    """The id of each engine (manifest entries, or ``Artifact`` records): its stitch id when it is the only file of
+    its stitch, else ``"stitch_id#format-precision"`` (e.g. ``deit_s#onnx-int8``) — the names the selector, bench
+    and the Pareto step use for the same engines."""
+    def field(e, name):
+        return e[name] if isinstance(e, Mapping) else getattr(e, name)
+
+    engines = list(engines)
+    counts: dict[str, int] = {}
+    for e in engines:
+        counts[field(e, "stitch_id")] = counts.get(field(e, "stitch_id"), 0) + 1
+    return [field(e, "stitch_id") if counts[field(e, "stitch_id")] == 1
+            else f"{field(e, 'stitch_id')}#{field(e, 'format')}-{field(e, 'precision')}" for e in engines]
 
 
 def engine_memory_mb(measurement: Mapping[str, Any]) -> float:
@@ -528,7 +555,7 @@ def assemble_manifest(path: PathLike, build_section: Mapping[str, Any], entries:
     if path.is_file():
         try:
             prev = read_manifest(path)
-            old = {e["stitch_id"]: e for e in prev["engines"]}
+            old = {(e["stitch_id"], e["format"], e["precision"]): e for e in prev["engines"]}
             section["created_at"] = prev["build"].get("created_at", section.get("created_at"))
             devices = prev.get("devices", {})
         except ManifestError as exc:
@@ -537,7 +564,7 @@ def assemble_manifest(path: PathLike, build_section: Mapping[str, Any], entries:
             logging.getLogger("snexport").warning("replacing unreadable manifest: %s", exc)
     kept = []
     for entry in entries:
-        prev_entry = old.get(entry["stitch_id"])
+        prev_entry = old.get((entry["stitch_id"], entry["format"], entry["precision"]))
         if prev_entry is not None and prev_entry["sha256"] == entry["sha256"]:
             entry = dict(entry, measurements=prev_entry.get("measurements", {}))
         kept.append(entry)

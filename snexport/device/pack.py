@@ -31,9 +31,13 @@ Layout, in ``<build>/engines/pack/``::
   was packed against: a re-pack writes a new file and never changes the layout under an existing ONNX. Files
   are committed weights first, then each ONNX (temp + rename), then ``pack.json``; a killed run leaves only
   complete files, and stale ones are removed by the next run.
-- Every packed ONNX is a standalone valid model: ``onnx.checker`` passes and ONNX Runtime loads it alone (it
-  reads its tensors from the weights file). Validation runs each one that way *and* through shared initializers
-  mapped from the weights file (what the selector does) and compares both with the standalone file's outputs.
+- Every packed ONNX is a standalone valid model: ONNX Runtime loads it alone (it reads its tensors from the
+  weights file), and on the host ``onnx.checker`` passes too (the host stage adds that check). Validation runs
+  each one that way *and* through shared initializers mapped from the weights file (what the selector does) and
+  compares both with the standalone file's outputs.
+- No ``onnx`` package: files are read and rewritten with ``snexport.device.onnxproto`` (standard library), so a
+  device with only ONNX Runtime can repack. Only location/offset/length and ORT's own ``prepacked*`` entries are
+  written as external-data keys (ORT refuses any other key but ``checksum``).
 
 Two kinds, one format: ``pack_stitches`` (host) makes the *portable* pack above — the exported graphs unchanged,
 runnable anywhere; the selector hands the mapped weights to sessions with ONNX Runtime's prepacking off, which
@@ -57,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from snexport import buildfiles
+from snexport.device import onnxproto
 from snexport.errors import ExportValidationError, SnexportError, WeightsError
 from snexport.hashing import TMP_SUFFIX, atomic_write_json, commit, sha256_file, sha256_json, temp_path_for
 from snexport.records import Artifact
@@ -95,8 +100,8 @@ class PackedFile:
 
     source: Path
     name: str  # file name in the pack directory
-    model: Any  # onnx.ModelProto with external-data entries; offsets filled in by write_pack
-    refs: list  # (TensorProto, content key, prepacked blobs) for every externalised initializer
+    model: Any  # onnxproto.Model (graph only) with external-data entries; offsets filled in by write_pack
+    refs: list  # (initializer index, content key, prepacked blobs) for every externalised initializer
     used_keys: set  # distinct content keys a loaded session keeps using (for a weight that ONNX Runtime has a
     # serialized prepacked blob of, the blob: ORT releases the original after checking the blob against it)
     externalized_bytes: int  # sum of its externalised initializers (counting repeats within the file)
@@ -145,26 +150,33 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _tensor_bytes(tensor) -> bytes:
-    """The tensor's little-endian raw bytes, whichever field the exporter stored them in."""
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    from onnx import numpy_helper
+def _read_onnx(path: Path):
+    """An ONNX file as an ``onnxproto.Model``; a file that is no ONNX model is a PackError naming it."""
+    try:
+        return onnxproto.read_model(path)
+    except onnxproto.OnnxFormatError as exc:
+        raise PackError(f"{path} is not a readable ONNX model ({exc}); re-run `snexport export`") from None
 
-    return numpy_helper.to_array(tensor).tobytes()
+
+def _tensor_bytes(tensor) -> Any:
+    """The tensor's little-endian raw bytes, whichever field the exporter stored them in (a zero-copy view of
+    raw_data where it is there)."""
+    try:
+        return tensor.data_bytes()
+    except onnxproto.OnnxFormatError as exc:
+        raise PackError(f"cannot read initializer '{tensor.name}': {exc}") from None
 
 
-def _externalize(tensor, location: str, offset: int, length: int) -> None:
-    from onnx import TensorProto
+def _inline_size(tensor) -> int:
+    """Bytes an initializer that stays in the ONNX takes (STRING tensors have no element layout: their encoding)."""
+    try:
+        return len(tensor.data_bytes())
+    except onnxproto.OnnxFormatError:
+        return len(tensor.msg.to_bytes())
 
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                  "string_data"):
-        tensor.ClearField(field)
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    tensor.data_location = TensorProto.EXTERNAL
+
+# Where a moved tensor points until the weights file has its final (content-hashed) name.
+_PENDING = "pending.bin"
 
 
 def _external_ranges(tensor, base: Path) -> tuple[Path, int, int, list]:
@@ -175,10 +187,15 @@ def _external_ranges(tensor, base: Path) -> tuple[Path, int, int, list]:
     ``kernel_key|offset;length;checksum[|...]`` under keys starting with ``prepacked`` (ORT's
     tensor_external_data_info.cc).
     """
-    info = {e.key: e.value for e in tensor.external_data}
+    info = tensor.external_data
+    if not info.get("location"):
+        raise PackError(f"initializer '{tensor.name}' keeps external data without a location; re-export the file")
     path = base / info["location"]
-    offset = int(info.get("offset", 0))
-    length = int(info["length"]) if "length" in info else path.stat().st_size - offset
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else path.stat().st_size - offset
+    except (ValueError, OSError) as exc:
+        raise PackError(f"cannot locate the external data of '{tensor.name}' ({exc}); re-export the file") from None
     prepacked = []
     for key, value in info.items():
         if not key.startswith("prepacked"):
@@ -227,8 +244,6 @@ def write_pack(
     at their aligned offsets, small ones kept in memory and appended at the end; the packed models are kept
     without their weights (graphs only: kilobytes), and the offsets filled in at the end.
     """
-    import onnx
-
     if align < SMALL_ALIGN or align & (align - 1):
         raise PackError(f"align must be a power of two >= {SMALL_ALIGN}, got {align}")
     if min_bytes < 0:
@@ -271,29 +286,35 @@ def write_pack(
                 return key
 
             for source, name in zip(sources, names):
-                model = onnx.load(str(source), load_external_data=False)
+                model = _read_onnx(source)
                 refs, used, ext_bytes, inline = [], set(), 0, 0
-                for tensor in model.graph.initializer:
+                for index, tensor in enumerate(model.graph.initializers):
                     prepacked: list = []
-                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    if tensor.data_location == onnxproto.DATA_LOCATION_EXTERNAL:
                         path, offset, length, entries = _external_ranges(tensor, source.parent)
                         data = _read_range(readers, path, offset, length)
                         for entry_key, kernel_key, blobs in entries:
                             keys = [(place(_read_range(readers, path, o, n)), c) for o, n, c in blobs]
                             prepacked.append((entry_key, kernel_key, keys))
+                    elif tensor.data_type not in _FLOAT_TYPES:
+                        inline += _inline_size(tensor)
+                        continue
                     else:
                         data = _tensor_bytes(tensor)
-                        if tensor.data_type not in _FLOAT_TYPES or len(data) < max(min_bytes, 1):
+                        if len(data) < max(min_bytes, 1):
                             inline += len(data)
                             continue
                     key = place(data)
-                    refs.append((tensor, key, prepacked))
+                    refs.append((index, key, prepacked))
                     if prepacked:
                         used.update(k for _, _, keys in prepacked for k, _ in keys)
                     else:
                         used.add(key)
                     ext_bytes += len(data) + sum(placements[k].length for _, _, keys in prepacked for k, _ in keys)
-                    _externalize(tensor, "", 0, len(data))  # drops the bytes now; location/offset set below
+                    tensor.set_external_data(_PENDING, 0, len(data))  # drops the bytes; the real place is set below
+                # Keep the graph only: parsing its weightless bytes anew lets the source's buffer (all its
+                # embedded weights) go now rather than when the whole pack is written.
+                model = onnxproto.parse_model(model.to_bytes())
                 total += ext_bytes
                 files.append(PackedFile(source, name, model, refs, used, ext_bytes, inline))
                 if progress is not None:
@@ -320,12 +341,13 @@ def write_pack(
             reader.close()
 
     for packed in files:
-        for tensor, key, prepacked in packed.refs:
-            _externalize(tensor, weights_name, placements[key].offset, placements[key].length)
-            for entry_key, kernel_key, keys in prepacked:
-                blobs = "|".join(f"{placements[k].offset};{placements[k].length};{c}" for k, c in keys)
-                entry = tensor.external_data.add()
-                entry.key, entry.value = entry_key, f"{kernel_key}|{blobs}"
+        initializers = packed.model.graph.initializers
+        for index, key, prepacked in packed.refs:
+            # ORT's prepacked entries: "kernel_key|offset;length;checksum|..." (tensor_external_data_info.cc).
+            extra = [(entry_key, kernel_key + "|" + "|".join(f"{placements[k].offset};{placements[k].length};{c}"
+                                                               for k, c in keys))
+                     for entry_key, kernel_key, keys in prepacked]
+            initializers[index].set_external_data(weights_name, placements[key].offset, placements[key].length, extra)
     distinct = sum(p.length for p in placements.values())
     return PackLayout(final, weights_sha, position, files, placements, distinct, total, position - distinct, align)
 
@@ -335,22 +357,42 @@ def commit_packed(packed: PackedFile, out_dir: str | os.PathLike,
     """Serialize one packed model next to its weights file, run ``check(temp_path)``, then rename it into place.
 
     The temp file sits in the same directory as the final one, so its external-data location resolves the same.
-    Returns the final path and whatever ``check`` returned.
+    Before ``check``, every external tensor must lie inside a file of ``out_dir`` (what ``onnx.checker`` checks of
+    external data, done here without it). Returns the final path and whatever ``check`` returned.
     """
-    import onnx
-
     out_dir = Path(out_dir)
     final = out_dir / packed.name
     tmp = temp_path_for(final)
     try:
-        tmp.write_bytes(packed.model.SerializeToString())
-        onnx.checker.check_model(str(tmp))  # by path: also checks every external location stays in out_dir
+        with open(tmp, "wb") as fh:
+            for chunk in packed.model.msg.chunks():
+                fh.write(chunk)
+        _check_external_data(tmp)
         result = check(tmp) if check is not None else None
         commit(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return final, result
+
+
+def _check_external_data(path: Path) -> None:
+    """Every external tensor of ``path`` names a plain file next to it and lies within that file's bytes."""
+    sizes: dict = {}
+    for name, info in onnxproto.initializer_infos(path).items():
+        if info["data_location"] != onnxproto.DATA_LOCATION_EXTERNAL:
+            continue
+        location = info["location"] or ""
+        if not location or Path(location).name != location:
+            raise PackError(f"{path.name}: initializer '{name}' points at {location!r}, not a file in the pack "
+                            "directory; this is a bug in the packer")
+        if location not in sizes:
+            target = path.parent / location
+            sizes[location] = target.stat().st_size if target.is_file() else -1
+        end = (info["offset"] or 0) + (info["length"] or 0)
+        if sizes[location] < end:
+            raise PackError(f"{path.name}: initializer '{name}' lies past the end of {location} ({end} bytes "
+                            f"needed, {max(sizes[location], 0)} there); re-run the pack")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -440,10 +482,9 @@ def optimize_pack(
             ):
                 options.add_session_config_entry(key, value)
             ort.InferenceSession(str(Path(build_dir) / art.file), options, providers=["CPUExecutionProvider"])
-            model = _load_graph(optimized)
-            entry = model.metadata_props.add()
-            entry.key, entry.value = ORT_PACK_METADATA, json.dumps(identity, sort_keys=True)
-            optimized.write_bytes(model.SerializeToString())
+            model = _read_onnx(optimized)
+            model.set_metadata(ORT_PACK_METADATA, json.dumps(identity, sort_keys=True))
+            model.save(optimized)
             out.append(optimized)
         return out
 
@@ -452,12 +493,6 @@ def optimize_pack(
 
     return _pack_stage(build_dir, artifacts, pack_dir, settings, sources, check if validate else None,
                        weights_prefix=f"{_WEIGHTS_PREFIX}-ort", align=align, min_bytes=min_bytes, progress=progress)
-
-
-def _load_graph(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False)
 
 
 def _pack_stage(build_dir, artifacts, pack_dir: str, settings: dict, make_sources, check, *, weights_prefix: str,
@@ -564,15 +599,14 @@ def _pack_stage(build_dir, artifacts, pack_dir: str, settings: dict, make_source
 
 def read_pack_index(build_dir: str | os.PathLike, pack_dir: str = PACK_DIR) -> Optional[dict]:
     """``pack.json`` of a build (settings, per-precision weights summary incl. dedup ratio, artifacts), or None."""
-    import json
-
     path = Path(build_dir) / pack_dir / INDEX_FILE
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
+    try:  # untrusted like every file of a build: size and nesting limits, and a corrupt index is no index
+        doc = buildfiles.parse_json(buildfiles.read_limited(path, buildfiles.MAX_JSON_BYTES))
+    except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _stored_pack(build_dir: Path, out_dir: Path, settings_hash: str) -> Optional[list[Artifact]]:

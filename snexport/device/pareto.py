@@ -131,14 +131,56 @@ def memory_for_pareto(memory_mb) -> float:
     return MEMORY_RESOLUTION_MB * round(mb / MEMORY_RESOLUTION_MB)
 
 
-def measured_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "top1",
-                   costs: Sequence[str] = ("latency_p50_ms", "memory_mb")) -> list[str]:
-    """Ids (``row["id"]``) of the engines on the measured front: accuracy up, measured latency and memory down.
+def noise_aware_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "top1") -> dict:
+    """The measured front, where a latency difference counts only beyond the measurement noise (issue 10).
 
-    With any accuracy unknown (random-init anchors) accuracy cannot rank engines, so the front is the
-    latency/memory front alone (rather than "every engine", which is what ``select_candidates`` keeps).
+    Each row: ``id``, ``top1`` (or None), ``latency_ci_ms`` = (low, high) of the p50's confidence interval,
+    ``memory_mb`` (already at ``MEMORY_RESOLUTION_MB``). An engine is dropped only when another engine is at least
+    as accurate, faster beyond the noise (its whole interval below this one's) and no bigger in memory; with any
+    accuracy unknown, accuracy is left out of the test (random-init builds: a latency/memory front). Engines on the
+    front whose intervals overlap are *tied*: the measurement cannot order them.
+
+    Returns {"front": [ids in input order], "tied": {id: [ids it is tied with]}, "dominated_by": {id: id}}.
     """
-    if rows and all(_known(r.get(accuracy_key)) for r in rows):
-        chosen = select_candidates(rows, by=list(costs), accuracy_key=accuracy_key)
-        return [c["record"]["id"] for c in chosen]
-    return [r["id"] for r in pareto_front(rows, {c: "min" for c in costs})]
+    rows = list(rows)
+    use_accuracy = bool(rows) and all(_known(r.get(accuracy_key)) for r in rows)
+
+    def beats(a, b) -> bool:
+        if a is b:
+            return False
+        if use_accuracy and a[accuracy_key] < b[accuracy_key]:
+            return False
+        return a["latency_ci_ms"][1] < b["latency_ci_ms"][0] and a["memory_mb"] <= b["memory_mb"]
+
+    dominated_by = {}
+    for b in rows:
+        winner = next((a for a in rows if beats(a, b)), None)
+        if winner is not None:
+            dominated_by[b["id"]] = winner["id"]
+    front = [r for r in rows if r["id"] not in dominated_by]
+    tied = {}
+    for a in front:
+        lo, hi = a["latency_ci_ms"]
+        others = [b["id"] for b in front if b is not a and b["latency_ci_ms"][0] <= hi and lo <= b["latency_ci_ms"][1]]
+        if others:
+            tied[a["id"]] = others
+    return {"front": [r["id"] for r in front], "tied": tied, "dominated_by": dominated_by}
+
+
+def best_backend(measured: Mapping[str, Mapping[str, Any]], preference: Sequence[str] = ()) -> str:
+    """The backend an engine runs on: of one engine's measurements on several runtimes, the fastest beyond the noise.
+
+    ``measured``: backend -> {``latency_p50_ms``, ``latency_ci_ms`` = (low, high) of the p50's interval,
+    ``memory_mb`` (at ``MEMORY_RESOLUTION_MB``)}. Every backend whose interval overlaps the fastest one's is as
+    fast as the measurement can tell; of those the one that costs less memory wins (an engine pack shared by ONNX
+    Runtime sessions is cheaper than OpenVINO's per-model copy), then the earlier in ``preference`` (the profile's
+    own backend first), then the lower p50. So a backend is picked for speed only when it is faster beyond the
+    noise, and its own memory is what the engine is then costed with.
+    """
+    if not measured:
+        raise ValueError("best_backend needs at least one measured backend")
+    fastest = min(measured, key=lambda b: measured[b]["latency_p50_ms"])
+    ceiling = measured[fastest]["latency_ci_ms"][1]
+    tied = [b for b in measured if measured[b]["latency_ci_ms"][0] <= ceiling]
+    rank = {b: i for i, b in enumerate(preference)}
+    return min(tied, key=lambda b: (measured[b]["memory_mb"], rank.get(b, len(rank)), measured[b]["latency_p50_ms"]))

@@ -37,6 +37,7 @@ SCHEMA_VERSION = 1
 _VERSIONED = {
     "torch": ("torch",),
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "openvino": ("openvino",),  # recorded; not part of the device key (measurements carry it in their runner)
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12"),
     "onnx": ("onnx",),
     "numpy": ("numpy",),
@@ -176,6 +177,12 @@ def _power_mode() -> Optional[str]:
     return f"{name} ({mode_id})" if name and mode_id else name or out
 
 
+def _jetson_clocks_pinned() -> Optional[bool]:
+    from snexport.device.energy import query_jetson_clocks
+
+    return query_jetson_clocks().get("clocks_pinned")
+
+
 def device_fingerprint() -> dict:
     """What a latency number depends on, as JSON types; any field that cannot be read is None."""
     meminfo = _meminfo()
@@ -206,6 +213,8 @@ def device_fingerprint() -> dict:
         "jetson": {
             "l4t_release": tegra.splitlines()[0] if tegra else None,
             "power_mode": _safe(_power_mode) if tegra else None,
+            # jetson_clocks pins clocks to their maximum: numbers with and without it are different devices.
+            "clocks_pinned": _safe(_jetson_clocks_pinned) if tegra else None,
             "gpu_cur_freq_hz": _safe(_gpu_cur_freq_hz),
             "nvmap_used_bytes": meminfo.get("NvMapMemUsed"),
         },
@@ -384,11 +393,13 @@ class PeakRSSSampler:
 
 
 class CudaMemoryDelta:
-    """Device memory taken during a ``with`` block, from ``torch.cuda.mem_get_info`` (free bytes) before/after.
+    """Device memory taken during a ``with`` block, from the CUDA runtime's free bytes before/after
+    (``cudaMemGetInfo`` through cuda-python, or ``torch.cuda.mem_get_info`` on a host that has torch).
 
     It counts every allocation on the device, including TensorRT's and other processes', which is the point:
-    the torch allocator's own counters miss memory TensorRT allocates itself. Only active when torch is already
-    imported and sees CUDA; otherwise every field stays None. On Jetson this is system memory (unified).
+    the torch allocator's own counters miss memory TensorRT allocates itself. Only active when cuda-python or
+    torch is already imported and sees CUDA; otherwise every field stays None. On Jetson this is system memory
+    (unified).
     """
 
     def __init__(self, device: int = 0):
@@ -398,6 +409,17 @@ class CudaMemoryDelta:
         self.total: Optional[int] = None
 
     def _free_total(self):
+        cudart = _cudart_if_imported()  # a TensorRT device: cuda-python, no torch
+        if cudart is not None:
+            def ask():
+                if int(cudart.cudaSetDevice(self.device)[0]) or int(cudart.cudaDeviceSynchronize()[0]):
+                    return None
+                err, free, total = cudart.cudaMemGetInfo()
+                return (int(free), int(total)) if int(err) == 0 else None
+
+            info = _safe(ask)
+            if info:
+                return info
         torch = sys.modules.get("torch")
         if torch is None or not _safe(torch.cuda.is_available):
             return None
@@ -442,6 +464,9 @@ DEFAULT_SETTINGS = {
     "evict_page_cache": True,
     "rss_sample_interval_s": 0.002,
     "seed": 0,
+    # Interleaved rounds (snexport.device.rounds): used by bench's latency pass, ignored by profile_engine.
+    "rounds": 5,
+    "ci_level": 0.95,
 }
 
 
@@ -492,13 +517,21 @@ def _preimport_runtime(backend: Optional[str]) -> None:
     (hundreds of ms and tens of MB), and only that engine; a deployed selector imports it once at start-up.
     A missing library is left for the runner to report with its own message.
     """
-    # The TensorRT runner keeps its device buffers in torch tensors, so torch is part of its runtime.
-    modules = {"onnxruntime": ("numpy", "onnxruntime"), "tensorrt": ("numpy", "torch", "tensorrt")}
+    # The TensorRT runner keeps its buffers with cuda-python (either module layout), so that is part of its runtime.
+    modules = {"onnxruntime": ("numpy", "onnxruntime"), "openvino": ("numpy", "openvino"),
+               "tensorrt": ("numpy", "tensorrt", "cuda.bindings.runtime", "cuda.cudart")}
     for module in modules.get(backend or "", ()):
         _safe(lambda: __import__(module))
-    if backend == "tensorrt" and "torch" in sys.modules:
-        # Creating the CUDA context is also a once-per-process cost, not part of loading one engine.
-        _safe(sys.modules["torch"].cuda.init)
+    cudart = _cudart_if_imported()
+    if backend == "tensorrt" and cudart is not None:
+        # Creating the CUDA context is also a once-per-process cost, not part of loading one engine (cudaFree(0) is
+        # the CUDA runtime's idiom for "initialise now").
+        _safe(lambda: cudart.cudaFree(0))
+
+
+def _cudart_if_imported():
+    """cuda-python's runtime module when something (the TensorRT runner) has imported it, else None."""
+    return sys.modules.get("cuda.bindings.runtime") or sys.modules.get("cuda.cudart")
 
 
 def _make_input(runner: Any, seed: int):
@@ -515,8 +548,14 @@ def profile_engine(
     *,
     runner_options: Optional[Mapping[str, Any]] = None,
     x: Any = None,
+    time_latency: bool = True,
+    memory_runs: int = 20,
 ) -> dict:
     """Measure one engine: file size, cold load, RSS around load, latency, peak RSS while running.
+
+    With ``time_latency=False`` this is the *memory pass* of `snexport bench`: the peak-RSS sampler thread runs
+    over ``memory_runs`` untimed runs and no latency is taken (``latency`` is None); latency is timed separately,
+    with nothing of ours beside it, in interleaved rounds (``snexport.device.rounds``).
 
     ``target`` is a file (opened with ``snexport.device.runtime.open_runner(path, **runner_options)``) or a factory
     returning a Runner (loaded or not), e.g. ``lambda: TorchRunner(module, shape)``. The cold load time is
@@ -554,15 +593,20 @@ def profile_engine(
         cuda_load.stop()
         rss_loaded = process_rss_bytes()
         with PeakRSSSampler(cfg["rss_sample_interval_s"]) as sampler:
-            latency = measure_latency(
-                lambda: runner.run(x),
-                warmup=cfg["warmup"],
-                iterations=cfg["iterations"],
-                min_duration_s=cfg["min_duration_s"],
-                max_duration_s=cfg["max_duration_s"],
-                batch_size=cfg["batch_size"],
-                percentiles=cfg["percentiles"],
-            )
+            if time_latency:
+                latency = measure_latency(
+                    lambda: runner.run(x),
+                    warmup=cfg["warmup"],
+                    iterations=cfg["iterations"],
+                    min_duration_s=cfg["min_duration_s"],
+                    max_duration_s=cfg["max_duration_s"],
+                    batch_size=cfg["batch_size"],
+                    percentiles=cfg["percentiles"],
+                )
+            else:
+                latency = None
+                for _ in range(int(memory_runs)):
+                    runner.run(x)
         record.update(
             {
                 "backend": runner.backend,

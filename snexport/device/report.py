@@ -7,11 +7,14 @@ from pathlib import Path
 
 
 def _points(manifest: dict, device_key: str | None):
+    from snexport.device.manifest import engine_ids
+
     rows = []
-    for e in manifest["engines"]:
+    for e, engine_id in zip(manifest["engines"], engine_ids(manifest["engines"])):  # an int8 file: its own point
         m = e["measurements"].get(device_key) if device_key else None
         rows.append({
-            "id": e["stitch_id"],
+            "id": engine_id,
+            "stitch_id": e["stitch_id"],
             "anchor": e["route"]["cut"] is None,
             "top1": e["accuracy"]["top1"],
             "gflops": e["gflops"],
@@ -20,23 +23,33 @@ def _points(manifest: dict, device_key: str | None):
             "memory": m["memory"]["rss_load_delta_mb"] if m else None,
             "params_m": e["params"] / 1e6,
             "pareto": bool(m and m["pareto"]),
+            "ci": (m.get("latency_noise") or {}).get("p50_ci") if m else None,
+            "energy": ((m.get("energy") or {}).get("mj_per_inference")) if m else None,
+            "tied": m.get("tied_with", []) if m else [],
         })
     return rows
 
 
-def plot_axes(rows: list[dict]) -> tuple[tuple[str, str], tuple[str, str]]:
-    """(x key, label), (y key, label): measured latency else GFLOPs; accuracy when known, else what is known
-    about cost (measured memory, or the parameter count), so an architecture-only build still gets a plot."""
+def plot_axes(rows: list[dict], x_axis: str = "latency") -> tuple[tuple[str, str], tuple[str, str]]:
+    """(x key, label), (y key, label): measured latency (or energy, with ``x_axis="energy"``) else GFLOPs;
+    accuracy when known, else what is known about cost (measured memory, or the parameter count), so an
+    architecture-only build still gets a plot."""
     measured = any(r["latency"] is not None for r in rows)
     known = any(r["top1"] is not None for r in rows)
-    x = ("latency", "measured latency p50 (ms)") if measured else ("gflops", "GFLOPs (paper convention)")
+    if x_axis == "energy" and any(r["energy"] is not None for r in rows):
+        x = ("energy", "measured energy per inference (mJ)")
+    else:
+        x = ("latency", "measured latency p50 (ms), bars: its confidence interval") if measured else (
+            "gflops", "GFLOPs (paper convention)")
     if known:
         return x, ("top1", "top-1 accuracy (%)")
     return x, (("memory", "memory (MB), accuracy unknown") if measured else ("params_m", "parameters (M), accuracy unknown"))
 
 
-def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict | None = None) -> Path:
+def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict | None = None,
+                x_axis: str = "latency") -> Path:
     """Accuracy vs measured latency (GFLOPs when not profiled); anchors starred, the device's Pareto front joined.
+    Latency points carry their p50 confidence interval as horizontal bars: points whose bars overlap are tied.
 
     Configurations that were evaluated but not exported are drawn faintly, so the plot shows what selection left
     out as well as what it kept.
@@ -47,11 +60,11 @@ def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict 
     import matplotlib.pyplot as plt
 
     rows = _points(manifest, device_key)
-    (xkey, xlabel), (ykey, ylabel) = plot_axes(rows)
-    measured, known = xkey == "latency", ykey == "top1"
+    (xkey, xlabel), (ykey, ylabel) = plot_axes(rows, x_axis)
+    measured, known = xkey in ("latency", "energy"), ykey == "top1"
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     if evals and not measured and known:
-        others = [e for sid, e in evals.items() if sid not in {r["id"] for r in rows} and e.top1 is not None]
+        others = [e for sid, e in evals.items() if sid not in {r["stitch_id"] for r in rows} and e.top1 is not None]
         ax.scatter([e.gflops for e in others], [e.top1 for e in others], s=14, color="0.75",
                    label="other configurations")
     ys = [r[ykey] for r in rows]
@@ -59,6 +72,10 @@ def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict 
     for r, x, y in zip(rows, xs, ys):
         if x is None or y is None:
             continue
+        if xkey == "latency" and r["ci"]:
+            lo, hi = r["ci"]
+            ax.errorbar([x], [y], xerr=[[max(x - lo, 0.0)], [max(hi - x, 0.0)]], fmt="none", ecolor="0.55",
+                        elinewidth=1, capsize=2, zorder=1)
         if r["anchor"]:
             ax.scatter([x], [y], marker="*", s=220, color="tab:red", zorder=3)
             ax.annotate(r["id"], (x, y), textcoords="offset points", xytext=(6, -12), fontsize=9, color="tab:red")
@@ -87,14 +104,19 @@ def pareto_plot(manifest: dict, device_key: str | None, path: Path, evals: dict 
 
 def summary_markdown(manifest: dict, device_key: str | None) -> str:
     rows = sorted(_points(manifest, device_key), key=lambda r: (r["latency"] is None, r["latency"] or r["gflops"]))
-    lines = ["| engine | top-1 % | GFLOPs | p50 ms | p90 ms | memory MB | Pareto |", "|---|---:|---:|---:|---:|---:|:-:|"]
-    for r in rows:
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
+    lines = ["| engine | top-1 % | GFLOPs | p50 ms | p50 CI ms | p90 ms | memory MB | energy mJ | Pareto |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
 
-        lines.append(f"| {r['id']}{' (anchor)' if r['anchor'] else ''} | {f(r['top1'], '.2f') if r['top1'] is not None else 'unknown'} "
-                     f"| {r['gflops']:.4f} | {f(r['latency'], '.3f')} | {f(r['p90'], '.3f')} | {f(r['memory'], '.1f')} "
-                     f"| {'yes' if r['pareto'] else ''} |")
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        ci = f"{r['ci'][0]:.3f}–{r['ci'][1]:.3f}" if r["ci"] else "-"
+        front = ("yes" + (f" (tied: {', '.join(r['tied'])})" if r["tied"] else "")) if r["pareto"] else ""
+        top1 = f(r["top1"], ".2f") if r["top1"] is not None else "unknown"
+        lines.append(f"| {r['id']}{' (anchor)' if r['anchor'] else ''} | {top1} | {r['gflops']:.4f} "
+                     f"| {f(r['latency'], '.3f')} | {ci} | {f(r['p90'], '.3f')} | {f(r['memory'], '.1f')} "
+                     f"| {f(r['energy'], '.3f')} | {front} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,4 +135,8 @@ def write_report(build, manifest: dict, device_key: str | None) -> dict:
         return {"summary": table, "plot": None,
                 "note": f"report: {table} (no plot: matplotlib is not installed; pip install 'snexport[report]')"}
     plot = pareto_plot(manifest, device_key, build.report_dir / "pareto.png", build.read_eval())
-    return {"summary": table, "plot": plot, "note": f"report: {plot}, {table}"}
+    note = f"report: {plot}, {table}"
+    if any(r["energy"] is not None for r in _points(manifest, device_key)):
+        energy_plot = pareto_plot(manifest, device_key, build.report_dir / "pareto-energy.png", x_axis="energy")
+        note += f", {energy_plot}"
+    return {"summary": table, "plot": plot, "note": note}

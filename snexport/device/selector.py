@@ -2,8 +2,9 @@
 
 Reads a manifest (``manifest.json`` written by ``snexport build``/``bench``), checks the engine files against their
 hashes, and drives engines through the runner contract (``snexport.device.runtime``). Standard library only at import time:
-the runtime (onnxruntime, TensorRT) is imported by the runner factory when the first engine loads, so this runs on
-a device with Python, its inference runtime and ``pip install --no-deps snexport``.
+the runtime (onnxruntime, OpenVINO, TensorRT) is imported by the runner factory when the first engine loads, so this
+runs on a device with Python and ``pip install "snexport[ort]"`` (or ``[ort,openvino]``, ``[tensorrt]``): the core
+plus its runtime. Each engine is opened with the runtime it was measured with (``measurement.backend``).
 
 Ranking (``choose``): among engines profiled on the device that fit the budget, the most accurate wins and ties go
 to the faster. When any candidate's accuracy is unknown (random-init anchors, no evaluation), accuracies are not
@@ -21,6 +22,7 @@ import ctypes
 import dataclasses
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -28,9 +30,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-from snexport.errors import BudgetError, ManifestError, SettingsError, UnknownStitchError
+from snexport.errors import (BudgetError, BuildDirError, ManifestError, SettingsError, SnexportError,
+                             UnknownStitchError)
 from snexport.hashing import PathLike, sha256_file
-from snexport.device.manifest import MANIFEST_NAME, engine_memory_mb, latest_device, read_manifest
+from snexport.device.manifest import MANIFEST_NAME, engine_ids, engine_memory_mb, latest_device, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,9 @@ class EngineInfo:
     latency_ms: Optional[float]  # at the selector's percentile on its device; None: not profiled there
     memory_mb: Optional[float]  # RSS growth + accelerator memory of keeping it loaded; None: not profiled
     cold_load_ms: Optional[float]
+    energy_mj: Optional[float]  # measured energy per inference on its device; None: no sensor there (never guessed)
     pareto: bool
+    backend: Optional[str] = None  # the runtime it was measured with on its device, and is opened with
 
     @property
     def profiled(self) -> bool:
@@ -108,8 +113,13 @@ OPTIMIZED_PACK_RUNNER_DEFAULTS: Mapping[str, Any] = {"cpu_mem_arena": False}
 
 
 def default_runner_factory(entry: Mapping[str, Any], manifest_dir: Path,
-                           weights_map: Optional[Callable[[Path], Any]] = None, **options: Any):
-    """Open an engine with snexport's runtime (backend from the suffix); imported here so import stays light.
+                           weights_map: Optional[Callable[[Path], Any]] = None, backend: Optional[str] = None,
+                           **options: Any):
+    """Open an engine with snexport's runtime; imported here so import stays light.
+
+    ``backend`` is the runtime the engine was measured with (the manifest's ``measurement.backend``; the selector
+    passes it), default: the one the file's suffix names (ONNX Runtime for .onnx). Every backend but ONNX Runtime
+    opens the file through the backend table (``open_runner``); OpenVINO maps a pack's weights file itself.
 
     An ONNX engine of a portable pack (``weights_file`` set) gets its initializers as views of the pack's weights
     file, mapped once per file by ``weights_map(path)`` (a ``WeightsFileMap``; the selector passes its own
@@ -117,9 +127,12 @@ def default_runner_factory(entry: Mapping[str, Any], manifest_dir: Path,
     the weights file itself. An engine of a device-optimized pack (prepacked weights inside, checked against this
     machine's ONNX Runtime and CPU) is opened plainly: ORT maps the shared file and uses the prepacked blobs.
     """
-    from snexport.device.runtime import open_runner
+    from snexport.device.runtime import backend_for_path, open_runner
 
     path = manifest_dir / entry["file"]
+    backend = backend or backend_for_path(path)
+    if backend != "onnxruntime":
+        return open_runner(path, backend=backend, **options)
     if entry.get("weights_file") and entry.get("format") == "onnx":
         from snexport.device.runtime.onnxruntime_runner import check_ort_pack
 
@@ -174,6 +187,7 @@ class Selector:
         *,
         latency_ms: Optional[float] = None,
         memory_mb: Optional[float] = None,
+        energy_mj: Optional[float] = None,
         candidates: Optional[Iterable[str]] = None,
         runner_options: Optional[Mapping[str, Any]] = None,
         on_switch: Optional[Callable[[SwitchEvent], None]] = None,
@@ -182,8 +196,9 @@ class Selector:
             raise SettingsError(f"percentile must be one of {', '.join(PERCENTILES)}, got {percentile!r}")
         if mode not in MODES:
             raise SettingsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if cache_size < 1:
-            raise SettingsError(f"cache_size must be >= 1, got {cache_size}")
+        if not _is_int(cache_size) or cache_size < 1:
+            raise SettingsError(f"cache_size must be an integer >= 1, got {cache_size!r}")
+        _check_budget(latency_ms, memory_mb, energy_mj)
         path = Path(manifest_path)
         self.manifest_path = path / MANIFEST_NAME if path.is_dir() else path
         self.manifest_dir = self.manifest_path.parent.resolve()
@@ -194,14 +209,18 @@ class Selector:
         # Engine packs: one read-only map per shared weights file, created on first use, dropped on close.
         self._weights_maps: dict[Path, Any] = {}
         self._maps_lock = threading.Lock()
-        # Engines run as they were measured: the device's recorded thread count unless the caller overrides it.
-        self._factory = runner_factory or (
-            lambda entry, root: default_runner_factory(entry, root, weights_map=self._weights_map,
-                                                       **{**self._measured_runner_options(),
-                                                          **dict(runner_options or {})})
-        )
         self._on_switch = on_switch
         self.device = self._resolve_device(device)
+        # Engines run as they were measured: the device's recorded thread count unless the caller overrides it.
+        options = dict(runner_options or {})
+        if "threads" not in options:
+            options.update(self._measured_runner_options())
+        elif options["threads"] is not None:
+            _check_threads(options["threads"], SettingsError, "runner_options threads")
+        self._factory = runner_factory or (
+            lambda entry, root: default_runner_factory(entry, root, weights_map=self._weights_map,
+                                                       backend=self._engine_backend(entry), **options)
+        )
 
         self._entries: dict[str, dict] = {}
         self._infos: dict[str, EngineInfo] = {}
@@ -221,6 +240,7 @@ class Selector:
         self._seq = 0
         self._budget_latency = latency_ms
         self._budget_memory = memory_mb
+        self._budget_energy = energy_mj
         self._fb_window: "collections.deque[float]" = collections.deque(maxlen=feedback.window if feedback else 1)
         self._fb_count = 0
         self._fb_up_after = feedback.up_after if feedback else 0
@@ -236,7 +256,7 @@ class Selector:
                 for engine_id in sorted(self._pool, key=lambda i: self._infos[i].latency_ms):
                     self._slots[engine_id] = self._load(self._infos[engine_id])
                 _return_freed_heap()
-            first = self.choose(latency_ms, memory_mb)
+            first = self.choose(latency_ms, memory_mb, energy_mj=energy_mj)
             self._switch_to(first.id, "initial")
         except BaseException:
             self.close()
@@ -245,9 +265,28 @@ class Selector:
     # -- manifest -> engines ---------------------------------------------------------------------------------
 
     def _measured_runner_options(self) -> dict:
-        settings = (self.manifest.get("devices", {}).get(self.device, {}) or {}).get("settings", {}) or {}
-        threads = settings.get("threads")
-        return {"threads": threads} if settings.get("backend") == "onnxruntime" and threads else {}
+        from snexport.device.runtime.backends import BACKENDS
+
+        settings = self.manifest["devices"][self.device]["settings"]
+        threads = settings.get("threads")  # the schema makes it a JSON integer >= 1 or null
+        measured = {settings.get("backend"), *(settings.get("backends") or ())}
+        if threads is None or not any(b in BACKENDS and BACKENDS[b].takes_threads for b in measured):
+            return {}
+        threads = int(threads)  # 4.0 is a JSON integer too
+        _check_threads(threads, ManifestError, f"devices[{self.device!r}].settings.threads in {self.manifest_path}")
+        return {"threads": threads}
+
+    def _engine_backend(self, entry: Mapping[str, Any]) -> Optional[str]:
+        """The runtime an engine was measured with on this device (None: the file's suffix decides)."""
+        from snexport.device.runtime.backends import BACKENDS
+
+        measured = (entry["measurements"].get(self.device) or {}).get("backend")
+        if measured:
+            return measured  # an unknown name is refused by open_runner, naming the backends this snexport has
+        # Manifests from before per-engine backends: the device's backend, where it runs this kind of file.
+        backend = self.manifest["devices"][self.device]["settings"].get("backend")
+        suffix = Path(entry["file"]).suffix.lower()
+        return backend if backend in BACKENDS and suffix in BACKENDS[backend].suffixes else None
 
     def _resolve_device(self, device: Optional[str]) -> str:
         devices = self.manifest["devices"]
@@ -271,10 +310,8 @@ class Selector:
 
     def _index_engines(self) -> None:
         entries = self.manifest["engines"]
-        counts = collections.Counter(e["stitch_id"] for e in entries)
-        for entry in entries:
+        for entry, engine_id in zip(entries, engine_ids(entries)):
             sid = entry["stitch_id"]
-            engine_id = sid if counts[sid] == 1 else f"{sid}#{entry['format']}-{entry['precision']}"
             m = entry["measurements"].get(self.device)
             self._entries[engine_id] = entry
             self._infos[engine_id] = EngineInfo(
@@ -292,7 +329,9 @@ class Selector:
                 latency_ms=float(m["latency_ms"][self.percentile]) if m else None,
                 memory_mb=engine_memory_mb(m) if m else None,
                 cold_load_ms=m["load_ms"]["cold"] if m else None,
+                energy_mj=_energy_mj(m),
                 pareto=bool(m and m["pareto"]),
+                backend=self._engine_backend(entry) if m else None,
             )
 
     def _build_pool(self, candidates: Optional[Iterable[str]]) -> list[str]:
@@ -305,7 +344,12 @@ class Selector:
         if candidates is None:
             wanted = [i for i in profiled if self._infos[i].pareto] or profiled
         else:
+            if isinstance(candidates, (str, EngineInfo)):
+                raise SettingsError(f"candidates must be a list of engine ids, got {candidates!r}; pass [{candidates!r}]")
             wanted = [self._resolve(c).id for c in candidates]
+            if not wanted:
+                raise SettingsError("candidates is empty; pass at least one engine id, or None for the device's "
+                                    "Pareto set")
             unprofiled = [i for i in wanted if not self._infos[i].profiled]
             if unprofiled:
                 raise ManifestError(
@@ -340,17 +384,31 @@ class Selector:
             files.append((self.manifest_dir / entry["weights_file"], entry["weights_sha256"],
                           entry.get("weights_size_bytes")))
         for path, digest, size in files:
-            if not path.is_file():
-                return f"{path} is missing"
-            # The size check catches truncated copies without reading the file.
-            if size is not None and path.stat().st_size != size:
-                return f"{path} is {path.stat().st_size} bytes, manifest says {size}"
-            if self.verify_hashes:
-                if path not in self._hash_cache:
-                    self._hash_cache[path] = sha256_file(path)
-                if self._hash_cache[path] != digest:
-                    return f"{path} does not match its sha256 in the manifest (altered or from another build)"
+            try:
+                problem = self._one_file_problem(path, digest, size)
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+                problem = f"{path} cannot be read ({exc})"
+            if problem:
+                return problem
         self._verified.add(engine_id)
+        return ""
+
+    def _one_file_problem(self, path: Path, digest: str, size: Optional[int]) -> str:
+        # The manifest travels with its files, so a link out of its directory (to /etc/..., to another build)
+        # is refused: the selector only ever opens what was shipped next to the manifest.
+        real = path.resolve()
+        if real != self.manifest_dir and self.manifest_dir not in real.parents:
+            return f"{path} leads outside {self.manifest_dir} (to {real}); copy the file into the build directory"
+        if not path.is_file():
+            return f"{path} is missing"
+        # The size check catches truncated copies without reading the file.
+        if size is not None and path.stat().st_size != size:
+            return f"{path} is {path.stat().st_size} bytes, manifest says {size}"
+        if self.verify_hashes:
+            if path not in self._hash_cache:
+                self._hash_cache[path] = sha256_file(path)
+            if self._hash_cache[path] != digest:
+                return f"{path} does not match its sha256 in the manifest (altered or from another build)"
         return ""
 
     def _resolve(self, target: Union[str, EngineInfo]) -> EngineInfo:
@@ -385,6 +443,11 @@ class Selector:
         return self._budget_latency, self._budget_memory
 
     @property
+    def energy_budget(self) -> Optional[float]:
+        """Energy per inference (mJ) currently in force; None means no limit."""
+        return self._budget_energy
+
+    @property
     def events(self) -> list[SwitchEvent]:
         """Switches so far (the latest 1000), oldest first."""
         with self._lock:
@@ -395,19 +458,32 @@ class Selector:
         with self._lock:
             return list(self._slots)
 
+    def _energy_reason(self, engine_id: str) -> Optional[str]:
+        m = self._entries[engine_id]["measurements"].get(self.device) or {}
+        return (m.get("energy") or {}).get("reason")
+
     def _rank(self, info: EngineInfo) -> tuple:
         accuracy = info.top1 if self._by_accuracy else info.gflops
         return (accuracy, -info.latency_ms)
 
     def choose(self, latency_ms: Optional[float] = None, memory_mb: Optional[float] = None,
-               strict: bool = False) -> EngineInfo:
-        """The best candidate whose latency percentile and memory fit the budget (None: no limit).
+               strict: bool = False, energy_mj: Optional[float] = None) -> EngineInfo:
+        """The best candidate whose latency, memory and energy fit the budget (None: no limit).
 
-        When none fits: ``strict`` raises BudgetError; otherwise a SelectorWarning names the miss and the
+        Latency is checked against the engine's measured ``percentile`` (p90 by default: pooled over every timed
+        round on the device, so a lucky median never admits an engine that misses the budget one run in ten).
+        Energy is the measured mJ per inference; an engine without an energy measurement never fits an energy
+        budget. When none fits: ``strict`` raises BudgetError; otherwise a SelectorWarning names the miss and the
         fastest engine that fits the memory budget is returned (or, if none fits memory either, the smallest).
         """
+        _check_budget(latency_ms, memory_mb, energy_mj)
         pool = [self._infos[i] for i in self._pool]
-        fits = [e for e in pool if _within(e.latency_ms, latency_ms) and _within(e.memory_mb, memory_mb)]
+        if energy_mj is not None and all(e.energy_mj is None for e in pool):
+            reason = next((r for r in map(self._energy_reason, self._pool) if r), "no energy sensor was read")
+            raise ManifestError(f"no engine has an energy measurement on {self.device} ({reason}); drop the "
+                                "energy budget, or run `snexport bench` on a device with an energy sensor")
+        fits = [e for e in pool if _within(e.latency_ms, latency_ms) and _within(e.memory_mb, memory_mb)
+                and _within(e.energy_mj, energy_mj)]
         if fits:
             return max(fits, key=self._rank)
         fastest = min(pool, key=lambda e: (e.latency_ms, e.memory_mb))
@@ -416,6 +492,7 @@ class Selector:
             part for part in (
                 f"{self.percentile} latency <= {latency_ms:g} ms" if latency_ms is not None else "",
                 f"memory <= {memory_mb:g} MB" if memory_mb is not None else "",
+                f"energy <= {energy_mj:g} mJ" if energy_mj is not None else "",
             ) if part
         )
         what = (f"no engine on {self.device} meets {wanted}: the fastest is {fastest.id} "
@@ -487,8 +564,29 @@ class Selector:
         if problem:
             raise ManifestError(f"cannot load engine {info.id}: {problem}; re-run `snexport build` or copy the "
                                 "build directory to the device again")
-        runner = self._factory(self._entries[info.id], self.manifest_dir)
-        runner.load()  # idempotent by contract: a factory may already have loaded it
+        try:
+            runner = self._factory(self._entries[info.id], self.manifest_dir)
+            runner.load()  # idempotent by contract: a factory may already have loaded it
+        except BuildDirError as exc:  # the file is unusable (open_runner says why in one line): name the engine
+            raise ManifestError(f"cannot load engine {info.id}: {exc}") from None
+        except SnexportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a custom factory's runtime errors, recognised like open_runner's
+            from snexport.device.runtime.backends import is_runtime_error
+
+            if not is_runtime_error(exc):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ManifestError(f"cannot load engine {info.id}: the runtime refuses {info.file} "
+                                f"({type(exc).__name__}: {first_line}); it is not a valid {info.format} engine for "
+                                "this device: re-run `snexport build` or copy the build directory again") from None
+        # Apps shape their inputs from the manifest (EngineInfo.input_shape): it must be what the engine takes.
+        loaded = tuple(getattr(runner, "input_shape", ()) or ())
+        if loaded and all(isinstance(d, int) for d in loaded) and loaded != info.input_shape:
+            runner.close()
+            raise ManifestError(f"engine {info.id} takes input {list(loaded)} but the manifest says "
+                                f"{list(info.input_shape)}; re-run `snexport build` (the manifest does not describe "
+                                "this file)")
         return _Slot(info, runner)
 
     def switch(self, target: Union[str, EngineInfo]) -> EngineInfo:
@@ -580,12 +678,13 @@ class Selector:
             slot.runner.close()
 
     def set_budget(self, latency_ms: Optional[float] = _UNSET, memory_mb: Optional[float] = _UNSET,
-                   strict: bool = False) -> EngineInfo:
+                   strict: bool = False, energy_mj: Optional[float] = _UNSET) -> EngineInfo:
         """Change the budget (None removes a limit, omitted keeps it) and switch to the profile's best fit."""
         new_latency = self._budget_latency if latency_ms is _UNSET else latency_ms
         new_memory = self._budget_memory if memory_mb is _UNSET else memory_mb
-        chosen = self.choose(new_latency, new_memory, strict=strict)
-        self._budget_latency, self._budget_memory = new_latency, new_memory
+        new_energy = self._budget_energy if energy_mj is _UNSET else energy_mj
+        chosen = self.choose(new_latency, new_memory, strict=strict, energy_mj=new_energy)
+        self._budget_latency, self._budget_memory, self._budget_energy = new_latency, new_memory, new_energy
         with self._fb_lock:  # a new budget is a new regime: forget the back-off
             self._fb_up_after = self.feedback.up_after if self.feedback else 0
             self._fb_probe = False
@@ -609,6 +708,8 @@ class Selector:
         """
         if self.feedback is None:
             raise ValueError("feedback is off for this selector; pass feedback=FeedbackConfig()")
+        if not _is_number(latency_ms) or latency_ms < 0:
+            raise SettingsError(f"observe() takes a measured latency in ms (a finite number >= 0), got {latency_ms!r}")
         with self._fb_lock:
             active = self._active
             if active is None or (engine_id is not None and engine_id != active):
@@ -627,7 +728,8 @@ class Selector:
             return None
         recent = _percentile(self._fb_window, self.percentile)
         slowdown = recent / current.latency_ms if current.latency_ms > 0 else 1.0
-        pool = [self._infos[i] for i in self._pool if _within(self._infos[i].memory_mb, self._budget_memory)]
+        pool = [self._infos[i] for i in self._pool if _within(self._infos[i].memory_mb, self._budget_memory)
+                and _within(self._infos[i].energy_mj, self._budget_energy)]
         if recent > budget:
             if self._fb_probe:
                 self._fb_up_after = min(int(self._fb_up_after * cfg.backoff), cfg.max_up_after)
@@ -699,6 +801,46 @@ def _return_freed_heap() -> None:
     except (OSError, AttributeError):
         return
     trim(0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is finite as a float; bool is refused (``latency_ms=True`` would otherwise mean 1 ms),
+    and so is an integer too large for a float (10**309 overflows in every comparison with a float's format)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _energy_mj(measurement: Optional[Mapping[str, Any]]) -> Optional[float]:
+    energy = (measurement or {}).get("energy") or {}
+    value = energy.get("mj_per_inference")
+    return None if value is None else float(value)
+
+
+def _check_budget(latency_ms: Any, memory_mb: Any, energy_mj: Any = None) -> None:
+    """Budgets are None (no limit) or finite numbers >= 0; NaN would fit nothing yet compare as 'no miss'."""
+    for name, value in (("latency_ms", latency_ms), ("memory_mb", memory_mb), ("energy_mj", energy_mj)):
+        if value is not None and (not _is_number(value) or value < 0):
+            raise SettingsError(f"{name} budget must be a finite number >= 0 or None (no limit), got {value!r}")
+
+
+def max_threads() -> int:
+    """The most inference threads the selector lets an engine have: 4 per core of this machine. Far more makes
+    ONNX Runtime spend minutes creating thread pools (a 5000-thread manifest hung the constructor)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _check_threads(threads: Any, error: type, where: str) -> None:
+    if not _is_int(threads) or not 1 <= threads <= max_threads():
+        raise error(f"{where} is {threads!r}; thread counts are whole numbers from 1 to {max_threads()} "
+                    f"(4 per core of this machine): re-run `snexport bench` here, or pass runner_options={{'threads': N}}")
 
 
 def _within(value: Optional[float], limit: Optional[float]) -> bool:

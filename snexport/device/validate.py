@@ -29,25 +29,44 @@ FP32_GATES = {"rtol_scale": 1e-4, "min_cosine": 0.99999, "require_top1": 1.0}
 FP16_GATES = {"rtol_scale": None, "min_cosine": 0.999, "require_top1": 0.99}
 
 
-def run_onnx(onnx_path: str | os.PathLike, inputs, providers: Sequence[str] = CPU):
-    """Run an ONNX model over ``inputs`` (N, C, H, W) float32 in chunks of its static batch; returns (N, ...)."""
+def run_onnx(onnx_path: str | os.PathLike | bytes, inputs, providers: Sequence[str] = CPU,
+             threads: Optional[int] = None):
+    """Run an ONNX model (a path, or the serialized model) over ``inputs`` (N, C, H, W) float32 in chunks of its
+    static batch; returns (N, ...). ``threads``: ONNX Runtime's intra-op threads (None: its default)."""
+    return onnx_session(onnx_path, providers, threads)(inputs)
+
+
+def onnx_session(onnx_path: str | os.PathLike | bytes, providers: Sequence[str] = CPU,
+                 threads: Optional[int] = None):
+    """One ONNX Runtime session as a function ``inputs (N, C, H, W) -> outputs (N, ...)`` (see ``run_onnx``)."""
     import numpy as np
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-    session = ort.InferenceSession(os.fspath(onnx_path), sess_options=opts, providers=list(providers))
+    # No spin-waiting: a validation session runs a few inputs and ends; spinning threads would only take cores from
+    # whatever else runs on a busy host (the next stitch's PyTorch reference, other jobs).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    source = onnx_path if isinstance(onnx_path, bytes) else os.fspath(onnx_path)
+    session = ort.InferenceSession(source, sess_options=opts, providers=list(providers))
     inp = session.get_inputs()[0]
     out_name = session.get_outputs()[0].name
-    batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else len(inputs)
-    outs = []
-    for start in range(0, len(inputs), batch):
-        chunk = np.ascontiguousarray(inputs[start:start + batch], dtype=np.float32)
-        n = len(chunk)
-        if n < batch:  # a static-batch model needs full batches: pad with zeros, keep the real rows
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
-        outs.append(np.asarray(session.run([out_name], {inp.name: chunk})[0])[:n])
-    return np.concatenate(outs, axis=0).astype(np.float32)
+    static = isinstance(inp.shape[0], int) and inp.shape[0] > 0
+
+    def run(inputs):
+        batch = inp.shape[0] if static else len(inputs)
+        outs = []
+        for start in range(0, len(inputs), batch):
+            chunk = np.ascontiguousarray(inputs[start:start + batch], dtype=np.float32)
+            n = len(chunk)
+            if n < batch:  # a static-batch model needs full batches: pad with zeros, keep the real rows
+                chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
+            outs.append(np.asarray(session.run([out_name], {inp.name: chunk})[0])[:n])
+        return np.concatenate(outs, axis=0).astype(np.float32)
+
+    return run
 
 
 def compare_logits(
@@ -105,4 +124,31 @@ def compare_logits(
         failures.append(f"cosine similarity {cosine:.6f} < {min_cosine} (worst sample {worst})")
     if not top1 >= require_top1:
         failures.append(f"top-1 agreement {top1:.4f} < {require_top1} ({int((~agree).sum())} of {len(agree)} samples differ)")
+    return figures, failures
+
+
+def run_runner(runner, inputs):
+    """Run a loaded runner (``snexport.device.runtime``) over ``inputs`` (N, ...) in chunks of its static batch
+    (a dynamic batch dimension takes one sample at a time); returns (N, ...) float32."""
+    import numpy as np
+
+    inputs = np.asarray(inputs, dtype=np.float32)
+    first = runner.input_shape[0] if runner.input_shape else 1
+    batch = first if isinstance(first, int) and first > 0 else 1
+    outs = []
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        n = len(chunk)
+        if n < batch:  # a static-batch engine needs full batches: pad with zeros, keep the real rows
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
+        outs.append(np.asarray(runner.run(chunk), dtype=np.float32).reshape(batch, -1)[:n])
+    return np.concatenate(outs, axis=0)
+
+
+def validate_runner(runner, reference, inputs, gates: Optional[dict] = None) -> tuple[dict, list[str]]:
+    """A loaded runner's outputs on ``inputs`` against ``reference`` logits: (figures, failed gates), FP32 gates
+    unless ``gates`` says otherwise. How `snexport bench` admits a runtime the export did not validate with
+    (OpenVINO on the portable ONNX) before its numbers may stand for the engine."""
+    figures, failures = compare_logits(reference, run_runner(runner, inputs), **dict(gates or FP32_GATES))
+    figures["provider"] = getattr(runner, "backend", None)
     return figures, failures

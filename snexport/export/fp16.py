@@ -60,6 +60,12 @@ def cast_to_fp16(
         onnx.save(model, str(tmp))
 
 
+def cast_model_to_fp16(model, keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32, label: str = "model"):
+    """``cast_to_fp16`` in memory: converts ``model`` (a ``ModelProto``) in place and returns it."""
+    _convert(model, frozenset(keep_fp32_ops), label=label)
+    return model
+
+
 def _convert(model, keep: frozenset, label: str) -> None:
     import numpy as np
     import onnx

@@ -10,15 +10,17 @@ Why these choices:
 - opset ≥ 17: from opset 17 on, LayerNorm exports as one ``LayerNormalization`` op instead of a ReduceMean/Sub/Pow
   chain. TensorRT needs the single op to keep LayerNorm in FP32 inside an FP16 engine; the decomposed chain
   overflows in FP16 (known TensorRT issue with ViTs, cosine 0.14 vs 0.9997).
-- exporter: ``torch.onnx.export(dynamo=True)`` is torch's default and future; the TorchScript exporter
-  (``dynamo=False``) is what timm's own helper uses and still works where dynamo fails. ``"auto"`` tries dynamo
-  and falls back, logging why.
-- the dynamo exporter writes weights to a side file ``<name>.onnx.data`` by default (``external_data=True``), even
-  for tiny models; we pass ``external_data=False`` so each stitch is one file that can be hashed, copied and
-  loaded alone. That caps a model at protobuf's 2 GB, far above any DeiT/ViT-B stitch; bigger models are refused
-  with a clear message rather than half-supported.
-- atomic: the exporter writes a temp file in the destination directory, we post-process that, and only the
-  finished file is renamed to ``path``; a killed export leaves no file at ``path``.
+- exporter: ``"auto"`` tries the TorchScript exporter (``dynamo=False``, what timm's own helper uses) and falls
+  back to ``torch.onnx.export(dynamo=True)`` (torch's default since 2.9) where TorchScript fails, logging why.
+  TorchScript first for speed: dynamo is Python-bound (torch.export, decompositions, a torchlib registry rebuilt on
+  every call, onnxscript's rewriter), 6-16 s per tiny demo stitch on a 2-core box at load average 4-5,
+  against 0.4-1.7 s for TorchScript, and the graphs validate the same (benchmarks/export_timing.py).
+- in memory: ``export_model`` returns the ``ModelProto`` (no file round trip: the export stage simplifies,
+  validates and hashes it before anything is written); ``export_onnx`` writes it as one self-contained file. That
+  caps a model at protobuf's 2 GB, far above any DeiT/ViT-B stitch; bigger models are refused with a clear message
+  rather than half-supported.
+- atomic: ``export_onnx`` writes a temp file in the destination directory and renames it to ``path`` only when
+  complete; a killed export leaves no file at ``path``.
 """
 
 from __future__ import annotations
@@ -57,11 +59,33 @@ def export_onnx(
 ) -> dict:
     """Export ``module`` for inputs shaped ``(batch, *input_shape)`` to ``path``; return what was done.
 
-    Returns ``{"exporter": "torch.onnx dynamo 2.15.0", "exporter_kind": "dynamo"|"torchscript",
+    Returns ``{"exporter": "torch.onnx torchscript 2.15.0", "exporter_kind": "dynamo"|"torchscript",
     "fallback_reason": str|None, "opset", "input_name", "input_shape", "output_name", "output_shape",
     "size_bytes", "versions": {...}}``.
     """
     import onnx
+
+    model, info = export_model(module, input_shape, batch=batch, opset=opset, exporter=exporter, metadata=metadata)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return dict(info, size_bytes=path.stat().st_size)
+
+
+def export_model(
+    module: Any,
+    input_shape: Sequence[int],
+    *,
+    batch: int = 1,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    metadata: Optional[Mapping[str, str]] = None,
+    with_bytes: bool = False,
+) -> tuple:
+    """``export_onnx`` without the file: the ``ModelProto`` (I/O named, metadata set) and the same info, less
+    ``size_bytes``. With ``with_bytes``, ``(model, info, data)``: ``data`` is the same graph serialized (the
+    exporter's own bytes when renaming changed nothing; only the metadata is missing), so a caller that runs the
+    raw export need not serialize hundreds of MB again."""
     import torch
 
     if exporter not in EXPORTERS:
@@ -86,23 +110,22 @@ def export_onnx(
     example = torch.randn(*shape, dtype=dtype)
     was_training = module.training
     module.eval()
-    path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            kind, reason = _run_exporter(module, example, tmp, opset, exporter)
-            model = onnx.load(str(tmp))
-            _name_io(model)
-            _set_metadata(model, metadata or {})
-            actual_opset = _default_opset(model)
-            if actual_opset < MIN_OPSET:  # a version converter that silently went lower would defeat the point
-                raise SnexportError(f"exporter produced opset {actual_opset} < {MIN_OPSET} for {path.name}")
-            onnx.save(model, str(tmp))
+        kind, reason, data = _run_exporter(module, example, opset, exporter)
     finally:
         module.train(was_training)
+    import onnx
 
-    out_shape = _static_shape(model.graph.output[0])
+    model = data if isinstance(data, onnx.ModelProto) else onnx.load_from_string(data)
+    if _name_io(model) or not isinstance(data, bytes):
+        data = model.SerializeToString() if with_bytes else None
+    _set_metadata(model, metadata or {})
+    actual_opset = _default_opset(model)
+    if actual_opset < MIN_OPSET:  # a version converter that silently went lower would defeat the point
+        raise SnexportError(f"exporter produced opset {actual_opset} < {MIN_OPSET}")
+
     versions = _versions(kind)
-    return {
+    info = {
         "exporter": f"torch.onnx {kind} {versions['torch']}",
         "exporter_kind": kind,
         "fallback_reason": reason,
@@ -110,89 +133,79 @@ def export_onnx(
         "input_name": INPUT_NAME,
         "input_shape": shape,
         "output_name": OUTPUT_NAME,
-        "output_shape": out_shape,
-        "size_bytes": path.stat().st_size,
+        "output_shape": _static_shape(model.graph.output[0]),
         "versions": versions,
     }
+    return (model, info, data) if with_bytes else (model, info)
 
 
-def _run_exporter(module, example, tmp: Path, opset: int, exporter: str) -> tuple[str, Optional[str]]:
-    """Run the requested exporter into ``tmp``; returns (kind used, reason for falling back or None)."""
-    if exporter in ("auto", "dynamo"):
+def _run_exporter(module, example, opset: int, exporter: str) -> tuple[str, Optional[str], Any]:
+    """Run the requested exporter(s); returns (kind used, reason for falling back or None, the model: serialized
+    bytes from TorchScript, a ModelProto from dynamo)."""
+    order = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}[exporter]
+    run = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+    hint = {"torchscript": "retry with --exporter dynamo", "dynamo": "retry with --exporter torchscript"}
+    reason = None
+    for i, kind in enumerate(order):
         try:
-            _export_dynamo(module, example, tmp, opset)
-            return "dynamo", None
-        except Exception as exc:  # noqa: BLE001 - any dynamo failure is a reason to try the other exporter
-            if exporter == "dynamo":
-                raise SnexportError(
-                    f"dynamo ONNX export failed: {type(exc).__name__}: {_first_line(exc)}; "
-                    "retry with --exporter torchscript"
-                ) from exc
+            model = run[kind](module, example, opset)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is a reason to try the next one
+            label = "dynamo" if kind == "dynamo" else "TorchScript"
+            if i + 1 == len(order):
+                more = f"; {hint[kind]}" if len(order) == 1 else f" (after TorchScript: {reason})"
+                raise SnexportError(f"{label} ONNX export failed: {type(exc).__name__}: {_first_line(exc)}{more}") from exc
             reason = f"{type(exc).__name__}: {_first_line(exc)}"
-            log.warning("dynamo ONNX exporter failed (%s); falling back to the TorchScript exporter", reason)
-            _remove_side_files(tmp)
-    else:
-        reason = None
-    try:
-        _export_torchscript(module, example, tmp, opset)
-    except Exception as exc:  # noqa: BLE001
-        raise SnexportError(f"TorchScript ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-    if reason:
-        log.info("exported with the TorchScript exporter after the dynamo failure")
-    return "torchscript", reason
+            log.warning("TorchScript ONNX exporter failed (%s); falling back to the dynamo exporter", reason)
+            continue
+        if reason:
+            log.info("exported with the dynamo exporter after the TorchScript failure")
+        return kind, reason, model
+    raise AssertionError("unreachable")
 
 
-def _export_dynamo(module, example, tmp: Path, opset: int) -> None:
+def _export_dynamo(module, example, opset: int):
     import torch
 
     # On failure torch.export prints whole FX graphs; keep our stdout/stderr readable (the reason is logged).
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        _dynamo_call(torch, module, example, tmp, opset)
-    _remove_side_files(tmp)  # belt and braces: an exporter version that ignored external_data=False
+        program = torch.onnx.export(
+            module,
+            (example,),
+            None,  # in memory: the ONNXProgram holds the weights, model_proto embeds them (one self-contained model)
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            optimize=True,  # onnxscript's rewriter: constant folding, dead code; stays in the default ONNX domain
+            verbose=False,  # otherwise it prints progress lines to stdout, which the CLI reserves for results
+        )
+        return program.model_proto
 
 
-def _dynamo_call(torch, module, example, tmp: Path, opset: int) -> None:
-    torch.onnx.export(
-        module,
-        (example,),
-        str(tmp),
-        dynamo=True,
-        opset_version=opset,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        external_data=False,  # one self-contained file (the default writes <name>.data next to it)
-        optimize=True,  # onnxscript's rewriter: constant folding, dead code; stays in the default ONNX domain
-        verbose=False,  # otherwise it prints progress lines to stdout, which the CLI reserves for results
-    )
-
-
-def _export_torchscript(module, example, tmp: Path, opset: int) -> None:
+def _export_torchscript(module, example, opset: int):
     import torch
 
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The deprecation notice and timm's TracerWarnings (asserts on static shapes) are expected here.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             (example,),
-            str(tmp),
+            buffer,
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             do_constant_folding=True,
         )
+    return buffer.getvalue()
 
 
-def _remove_side_files(tmp: Path) -> None:
-    # External-data files are named after the ONNX file; with our temp name they can only be ours.
-    for side in tmp.parent.glob(tmp.name + ".data"):
-        side.unlink(missing_ok=True)
-
-
-def _name_io(model) -> None:
-    """Ensure exactly one input called ``input`` and one output called ``logits`` (stable across stitches)."""
+def _name_io(model) -> bool:
+    """Ensure exactly one input called ``input`` and one output called ``logits`` (stable across stitches); True
+    when something was renamed."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     inputs = [i for i in g.input if i.name not in inits]
@@ -201,8 +214,10 @@ def _name_io(model) -> None:
             f"expected one input and one output, got inputs {[i.name for i in inputs]} and outputs "
             f"{[o.name for o in g.output]}; a stitch must map one image batch to one logits tensor"
         )
+    renamed = (inputs[0].name, g.output[0].name) != (INPUT_NAME, OUTPUT_NAME)
     _rename_value(model, inputs[0].name, INPUT_NAME)
     _rename_value(model, g.output[0].name, OUTPUT_NAME)
+    return renamed
 
 
 def _rename_value(model, old: str, new: str) -> None:

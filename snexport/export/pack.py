@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from snexport.device.pack import (DEFAULT_ALIGN, DEFAULT_MIN_BYTES, PACK_DIR, _WEIGHTS_PREFIX, _compare,
                                   _pack_stage)
+from snexport.errors import ExportValidationError
 from snexport.records import Artifact
 
 
@@ -47,7 +48,14 @@ def pack_stitches(
         return [Path(build_dir) / a.file for a in group]
 
     def check(art, tmp, weights):
-        return _compare(Path(build_dir) / art.file, tmp, weights, num_inputs, seed)
+        import onnx
 
-    return _pack_stage(build_dir, artifacts, pack_dir, settings, sources, check if validate else None,
+        # The host has the onnx package: its checker (by path, so external data too) on top of the device's checks.
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:
+            raise ExportValidationError(tmp.name, [f"onnx.checker: {str(exc).splitlines()[0]}"]) from None
+        return _compare(Path(build_dir) / art.file, tmp, weights, num_inputs, seed) if validate else None
+
+    return _pack_stage(build_dir, artifacts, pack_dir, settings, sources, check,
                        weights_prefix=_WEIGHTS_PREFIX, align=align, min_bytes=min_bytes, progress=progress)

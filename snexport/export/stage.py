@@ -3,10 +3,19 @@
 Decoupled from the SN-Net: the caller passes the stitch records and a ``materialize(stitch_id) -> nn.Module``
 callable (``SNNet.materialize`` in the CLI, a dict lookup in tests).
 
-Per stitch: export (temp file) → validate against PyTorch → simplify (temp file) → validate again → rename to
-``engines/<stem>.onnx``; with ``"onnx-fp16"`` in ``formats`` also cast to FP16 → validate at the FP16 gates →
-``engines/<stem>.fp16.onnx``. Validation inputs are ``num_random`` seeded random images plus the caller's real
-images (``calib_images``), if any.
+Per stitch: export → validate against PyTorch → simplify → validate again → write ``engines/<stem>.onnx``;
+with ``"onnx-fp16"`` in ``formats`` also cast to FP16 → validate at the FP16 gates → ``engines/<stem>.fp16.onnx``;
+with ``"onnx-int8"`` also quantize to static int8 QDQ (``snexport.export.int8``), calibrated on ``int8_calib`` →
+validate against the FP32 file at the int8 gates → ``engines/<stem>.int8.onnx``. Validation inputs are
+``num_random`` seeded random images plus the caller's real images (``calib_images``), if any.
+
+Where the time goes, and why it is spent once (benchmarks/export_timing.py prints each phase): the model stays in
+memory from exporter to file — exported, simplified (weights kept out of the simplifier, see simplify.py), checked
+for TensorRT on its weightless skeleton, serialized once; ONNX Runtime validates the serialized bytes, which are
+then written and hashed without reading the file back. What remains is the three passes the gates need (the
+PyTorch reference, the exported model, the simplified model) and the exporter's trace. Models of less than
+``SMALL_GFLOPS`` (the demo family) run those passes on one thread: their ops take microseconds, so a second thread
+only adds synchronisation, which on a busy host costs 10-40x (measured: 1.3 s vs 0.03 s for 24 demo images).
 
 Resuming: every artifact records a hash of everything that determines its content (stitch record, input shape,
 batch, opset, exporter and simplifier choice, weights hash, validation inputs and gates). A re-run skips an
@@ -25,26 +34,30 @@ are returned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from snexport import buildfiles as files
-from snexport.errors import BuildDirError, SnexportError
+from snexport.errors import SnexportError
 from snexport.hashing import (TMP_SUFFIX, atomic_path, atomic_write_json, commit, sha256_bytes, sha256_file,
                               sha256_json, temp_path_for)
 from snexport.records import Artifact, Stitch
 
 log = logging.getLogger("snexport.export")
 
-FORMATS = ("onnx", "onnx-fp16")
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
+DERIVED = {"onnx-fp16": "fp16", "onnx-int8": "int8"}  # precisions made from the FP32 file, by format
 ENGINES_DIR = files.ENGINES_DIR
 EXPORTS_FILE = files.EXPORTS
 # Bump when this stage starts producing different files for the same settings: forces a re-export.
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: TorchScript exporter first, weights kept out of the simplifier
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+SMALL_GFLOPS = 0.5  # below this a stitch's reference and validation passes run on one thread (module doc)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
@@ -105,6 +118,8 @@ def export_stitches(
     seed: int = 0,
     fp32_gates: Optional[dict] = None,
     fp16_gates: Optional[dict] = None,
+    int8_calib: Any = None,
+    int8_gates: Optional[dict] = None,
 ) -> list[Artifact]:
     """Export, validate and record every stitch; see the module doc for resuming and failure handling.
 
@@ -112,8 +127,10 @@ def export_stitches(
     images; ``weights_hash`` identifies the weights ``materialize`` uses (pass ``BuildDir.weights_hash()``) so a
     re-run after fine-tuning re-exports. ``progress`` is called once per stitch as ``progress(1, description=...)``
     (the ``advance`` of ``snexport.progress.progress_task`` fits). Gates override ``validate.FP32_GATES`` /
-    ``FP16_GATES``.
+    ``FP16_GATES`` / ``int8.INT8_GATES``. ``int8_calib``: the float32 (N, C, H, W) images that calibrate the int8
+    files (needed with ``"onnx-int8"``).
     """
+    from snexport.export.int8 import INT8_GATES, RECIPE
     from snexport.export.simplify import simplifier_version
     from snexport.export.validate import FP16_GATES, FP32_GATES
 
@@ -124,7 +141,12 @@ def export_stitches(
     simplifier_name = simplifier_version(simplifier)  # fail before any work if the tool is missing
     gates32 = {**FP32_GATES, **(fp32_gates or {})}
     gates16 = {**FP16_GATES, **(fp16_gates or {})}
-    precisions = ["fp32"] + (["fp16"] if "onnx-fp16" in formats else [])  # FP16 is cast from the FP32 file
+    gates = {"fp32": gates32, "fp16": gates16, "int8": {**INT8_GATES, **(int8_gates or {})}}
+    precisions = ["fp32"] + [DERIVED[f] for f in FORMATS if f in formats and f in DERIVED]  # made from the FP32 file
+    if "int8" in precisions:
+        if int8_calib is None or getattr(int8_calib, "ndim", 0) != 4 or len(int8_calib) == 0:
+            raise SnexportError("int8 export needs calibration images (a non-empty (N, C, H, W) array); "
+                                "export without int8 (--precision fp32)")
 
     build_dir = Path(build_dir)
     engines = build_dir / ENGINES_DIR
@@ -145,6 +167,7 @@ def export_stitches(
         "validation_inputs": _array_digest(inputs),
     }
     inputs_info = {"random": int(num_random), "seed": int(seed), "images": len(inputs) - int(num_random)}
+    extra = {"int8": {"recipe": RECIPE, "calibration": _array_digest(int8_calib)}} if "int8" in precisions else {}
 
     results: list[Artifact] = []
     failures: dict[str, str] = {}
@@ -152,15 +175,16 @@ def export_stitches(
         stem = safe_file_stem(stitch.id)
         wanted = {}
         for precision in precisions:
-            settings = dict(common, stitch=stitch.to_dict(), precision=precision,
-                            gates=gates32 if precision == "fp32" else gates16)
-            suffix = ".fp16" if precision == "fp16" else ""
+            settings = dict(common, stitch=stitch.to_dict(), precision=precision, gates=gates[precision],
+                            **extra.get(precision, {}))
+            suffix = "" if precision == "fp32" else f".{precision}"
             wanted[precision] = (sha256_json(settings), f"{ENGINES_DIR}/{stem}{suffix}.onnx")
         current = {p: _up_to_date(build_dir, records.get((stitch.id, p)), h) for p, (h, _) in wanted.items()}
-        if current.get("fp16"):
-            # The FP16 file is derived from the FP32 one: it is current only if cast from the current FP32 file.
-            fp16, fp32 = records[(stitch.id, "fp16")], records[(stitch.id, "fp32")]
-            current["fp16"] = current["fp32"] and fp16.source_sha256 == fp32.sha256
+        for derived in precisions[1:]:
+            # FP16/int8 files are made from the FP32 one: current only if made from the current FP32 file.
+            if current[derived]:
+                current[derived] = current["fp32"] and (
+                    records[(stitch.id, derived)].source_sha256 == records[(stitch.id, "fp32")].sha256)
         if all(current.values()):
             results.extend(records[(stitch.id, p)] for p in precisions)
             _tick(progress, stitch.id, "up to date")
@@ -168,10 +192,16 @@ def export_stitches(
         try:
             made = _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info, wanted, current,
                                records, opset=opset, simplifier=simplifier, simplifier_name=simplifier_name,
-                               batch=batch, exporter=exporter, gates32=gates32, gates16=gates16)
+                               batch=batch, exporter=exporter, gates=gates, int8_calib=int8_calib)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - one stitch's failure must not stop the others
+            refused = _disk_refusal(exc)
+            if refused is not None:
+                # ... except a full or read-only disk, which would fail every stitch after it. Files only ever
+                # reach their names complete, so what is on disk (and in exports.json) stays valid as it is.
+                raise files.storage_error(refused, build_dir, f"exporting {stitch.id} needs to write there "
+                                          f"({len(results)} file(s) exported or up to date are kept)") from None
             if not isinstance(exc, SnexportError):
                 log.exception("unexpected error exporting %s", stitch.id)  # keeps the traceback of a bug
             failures[stitch.id] = str(exc) if isinstance(exc, SnexportError) else f"{type(exc).__name__}: {exc}"
@@ -182,10 +212,18 @@ def export_stitches(
             continue
         for art in made:
             records[(art.stitch_id, art.precision)] = art
-        old16 = records.get((stitch.id, "fp16"))
-        if "fp16" not in precisions and old16 is not None and old16.source_sha256 != made[0].sha256:
-            del records[(stitch.id, "fp16")]  # cast from an FP32 file that no longer exists
-        _write_exports(exports_path, records)
+        for derived in ("fp16", "int8"):
+            old = records.get((stitch.id, derived))
+            if derived not in precisions and old is not None and old.source_sha256 != made[0].sha256:
+                del records[(stitch.id, derived)]  # made from an FP32 file that no longer exists
+        try:
+            _write_exports(exports_path, records)
+        except OSError as exc:
+            if _disk_refusal(exc) is None:
+                raise
+            # The old exports.json is intact (atomic write); the new file is found again by its hash on re-run.
+            raise files.storage_error(exc, build_dir, f"recording the export of {stitch.id} needs to write there "
+                                      f"({len(results)} earlier file(s) are kept)") from None
         results.extend(made)
         _tick(progress, stitch.id, "exported")
 
@@ -199,69 +237,198 @@ def _array_digest(array) -> str:
 
 
 def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info, wanted, current, records, *,
-                opset, simplifier, simplifier_name, batch, exporter, gates32, gates16) -> list[Artifact]:
+                opset, simplifier, simplifier_name, batch, exporter, gates, int8_calib=None) -> list[Artifact]:
     """Export one stitch's missing/stale artifacts; returns all of its artifacts (reused ones included)."""
-    from snexport.export.fp16 import cast_to_fp16
-    from snexport.export.onnx_export import export_onnx
-    from snexport.export.simplify import simplify
-    from snexport.export.trt_compat import check_tensorrt_compat
-    from snexport.export.validate import reference_logits, validate_fp16_onnx, validate_onnx
+    from snexport.export.validate import reference_logits
 
-    module = materialize(stitch.id)
-    reference = reference_logits(module, inputs)
-    shipped = write_reference(build_dir, stitch.id, inputs, reference)
+    threads = 1 if stitch.gflops < SMALL_GFLOPS else None
+    clock = _Clock()
+    with clock("materialize"):
+        module = materialize(stitch.id)
+    with clock("reference"):
+        reference = reference_logits(module, inputs, threads=threads)
+        shipped = write_reference(build_dir, stitch.id, inputs, reference)
     made: list[Artifact] = []
-    temps: list[Path] = []
-    try:
-        hash32, rel32 = wanted["fp32"]
-        final32 = build_dir / rel32
-        if current["fp32"]:
-            art32 = records[(stitch.id, "fp32")]
+    hash32, rel32 = wanted["fp32"]
+    if current["fp32"]:
+        art32, bytes32, logits32 = records[(stitch.id, "fp32")], None, None
+    else:
+        art32, bytes32, logits32 = _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, reference,
+                                                shipped, hash32, rel32, threads, clock, opset=opset,
+                                                simplifier=simplifier, simplifier_name=simplifier_name, batch=batch,
+                                                exporter=exporter, gates32=gates["fp32"])
+    made.append(art32)
+    del module
+    for precision in ("fp16", "int8"):
+        if precision not in wanted:
+            continue
+        if current[precision]:
+            made.append(records[(stitch.id, precision)])
+            continue
+        clock = _Clock()
+        if bytes32 is None:  # the FP32 file was current: its bytes (and, for int8, its logits) are read back once
+            bytes32 = (build_dir / rel32).read_bytes()
+        if precision == "fp16":
+            made.append(_export_fp16(build_dir, stitch, art32, bytes32, reference, inputs, inputs_info, shipped,
+                                     wanted["fp16"], threads, gates["fp16"], clock))
         else:
-            meta = _metadata(stitch, "fp32", hash32)
-            raw = temp_path_for(final32)
-            temps.append(raw)
-            info = export_onnx(module, input_shape, raw, batch=batch, opset=opset, exporter=exporter, metadata=meta)
-            raw_figures = validate_onnx(raw, reference, inputs, stitch_id=stitch.id, **gates32)
-            simple = temp_path_for(final32)
-            temps.append(simple)
-            simplify(raw, simple, simplifier)
-            figures = validate_onnx(simple, reference, inputs, stitch_id=stitch.id, **gates32)
-            compat = check_tensorrt_compat(simple)
-            commit(simple, final32)
-            figures.update(
-                raw_export=_strip(raw_figures),
-                fallback_reason=info["fallback_reason"],
-                tensorrt_compat={k: compat[k] for k in ("ok", "target", "unsupported", "warnings")},
-                inputs=inputs_info,
-            )
-            art32 = _artifact(build_dir, stitch.id, rel32, "fp32", info, simplifier_name, figures, hash32, shipped)
-        made.append(art32)
+            if logits32 is None:
+                from snexport.export.validate import run_onnx
 
-        if "fp16" in wanted:
-            hash16, rel16 = wanted["fp16"]
-            if current["fp16"]:
-                made.append(records[(stitch.id, "fp16")])
-            else:
-                final16 = build_dir / rel16
-                tmp16 = temp_path_for(final16)
-                temps.append(tmp16)
-                cast_to_fp16(final32, tmp16)
-                _set_metadata_file(tmp16, _metadata(stitch, "fp16", hash16))
-                figures16 = validate_fp16_onnx(tmp16, reference, inputs, stitch_id=stitch.id, **gates16)
-                commit(tmp16, final16)
-                info16 = {
-                    "exporter": art32.exporter, "opset": art32.opset, "input_name": art32.input_name,
-                    "input_shape": art32.input_shape, "output_name": art32.output_name,
-                    "output_shape": art32.output_shape, "versions": dict(art32.versions),
-                }
-                figures16.update(source_onnx=rel32, inputs=inputs_info)
-                made.append(_artifact(build_dir, stitch.id, rel16, "fp16", info16, art32.simplifier, figures16,
-                                      hash16, shipped, source_sha256=art32.sha256))
-        return made
+                with clock("fp32_logits"):
+                    logits32 = run_onnx(bytes32, inputs, threads=threads)
+            # int8 is judged on inputs like those it was calibrated on: the real images when there are any (noise
+            # outside the calibrated ranges is clipped, which says nothing about the file), else the noise.
+            real = slice(inputs_info["random"], None) if inputs_info["images"] else slice(None)
+            made.append(_export_int8(build_dir, stitch, art32, bytes32, logits32[real], reference[real],
+                                     inputs[real], inputs_info, shipped, wanted["int8"], threads, gates["int8"],
+                                     int8_calib, clock))
+    return made
+
+
+def _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, reference, shipped, hash32, rel32,
+                 threads, clock, *, opset, simplifier, simplifier_name, batch, exporter, gates32):
+    """Export → validate → simplify → validate → TensorRT check → write; returns (artifact, bytes, ORT logits)."""
+    from snexport.export.int8 import FLOAT_WEIGHTS_KEY, stitch_layer_weights
+    from snexport.export.onnx_export import export_model
+    from snexport.export.simplify import simplify_model
+    from snexport.export.trt_compat import check_tensorrt_compat
+    from snexport.export.validate import torch_threads, validate_onnx, validate_outputs
+
+    with clock("export"), torch_threads(threads):
+        # raw: the exporter's own bytes of the graph (no metadata yet): validated as they are, not re-serialized.
+        model, info, raw = export_model(module, input_shape, batch=batch, opset=opset, exporter=exporter,
+                                        metadata=_metadata(stitch, "fp32", hash32), with_bytes=True)
+        # Named while node names still carry module scopes (simplifiers rename what they fuse): what an int8
+        # variant keeps float, read from this file's metadata whenever one is made (int8.py).
+        _set_metadata(model, {FLOAT_WEIGHTS_KEY: json.dumps(stitch_layer_weights(model))})
+    with clock("validate_export"):
+        raw_figures = validate_onnx(raw, reference, inputs, stitch_id=stitch.id, threads=threads, **gates32)
+    del raw
+    with clock("simplify"):
+        model = simplify_model(model, simplifier, label=stitch.id)
+        data = model.SerializeToString()
+    with clock("validate_simplified"):
+        figures, logits = validate_outputs(data, reference, inputs, stitch_id=stitch.id, threads=threads, **gates32)
+    with clock("tensorrt_check"):
+        compat = check_tensorrt_compat(_to_skeleton(model))
+    del model
+    with clock("write_and_hash"):
+        _write_file(build_dir / rel32, data)
+        figures.update(
+            raw_export=_strip(raw_figures),
+            fallback_reason=info["fallback_reason"],
+            tensorrt_compat={k: compat[k] for k in ("ok", "target", "unsupported", "warnings")},
+            inputs=inputs_info,
+        )
+        art = _artifact(build_dir, stitch.id, rel32, "fp32", info, simplifier_name, figures, hash32, shipped,
+                        data=data)
+    art.validation["seconds"] = clock.seconds  # per phase (benchmarks/export_timing.py); not part of any hash
+    return art, data, logits
+
+
+def _derived_info(art32: Artifact) -> dict:
+    return {"exporter": art32.exporter, "opset": art32.opset, "input_name": art32.input_name,
+            "input_shape": art32.input_shape, "output_name": art32.output_name,
+            "output_shape": art32.output_shape, "versions": dict(art32.versions)}
+
+
+def _export_fp16(build_dir, stitch, art32, bytes32, reference, inputs, inputs_info, shipped, wanted16, threads,
+                 gates16, clock) -> Artifact:
+    import onnx
+
+    from snexport.export.fp16 import cast_model_to_fp16
+    from snexport.export.validate import validate_fp16_onnx
+
+    hash16, rel16 = wanted16
+    with clock("cast"):
+        model = cast_model_to_fp16(onnx.load_from_string(bytes32), label=stitch.id)
+        _set_metadata(model, _metadata(stitch, "fp16", hash16))
+        data = model.SerializeToString()
+    del model
+    with clock("validate"):
+        figures16 = validate_fp16_onnx(data, reference, inputs, stitch_id=stitch.id, threads=threads, **gates16)
+    with clock("write_and_hash"):
+        _write_file(build_dir / rel16, data)
+        figures16.update(source_onnx=art32.file, inputs=inputs_info, seconds=clock.seconds)
+        return _artifact(build_dir, stitch.id, rel16, "fp16", _derived_info(art32), art32.simplifier, figures16,
+                         hash16, shipped, source_sha256=art32.sha256, data=data)
+
+
+def _export_int8(build_dir, stitch, art32, bytes32, logits32, reference, inputs, inputs_info, shipped, wanted8,
+                 threads, gates8, calib, clock) -> Artifact:
+    """Quantize the FP32 file; gate its logits against the FP32 file's (``int8.INT8_GATES``) and report them
+    against PyTorch too (no gate: the FP32 file already passed those)."""
+    from snexport.export.int8 import RECIPE, quantize_int8
+    from snexport.export.validate import compare_logits, validate_outputs
+
+    hash8, rel8 = wanted8
+    on_images = bool(inputs_info["images"]) and len(inputs) == inputs_info["images"]
+    inputs_info = dict(inputs_info, used="images" if on_images else "random")
+    if not on_images:  # an untrained model's top-1 on noise is a near tie: reported, not gated (int8.py)
+        gates8 = dict(gates8, require_top1=0.0)
+    with clock("quantize"):
+        model = quantize_int8(bytes32, calib, build_dir / ENGINES_DIR, label=stitch.id)
+        _set_metadata(model, _metadata(stitch, "int8", hash8))
+        data = model.SerializeToString()
+    del model
+    with clock("validate"):
+        figures8, logits8 = validate_outputs(data, logits32, inputs, stitch_id=f"{stitch.id} (int8 vs FP32)",
+                                             threads=threads, **gates8)
+    vs_reference, _ = compare_logits(reference, logits8, rtol_scale=None, min_cosine=-1.0, require_top1=0.0)
+    with clock("write_and_hash"):
+        _write_file(build_dir / rel8, data)
+        figures8.update(compared_with="fp32 onnx", source_onnx=art32.file, inputs=inputs_info, seconds=clock.seconds,
+                        vs_pytorch=_strip(vs_reference),
+                        quantization=dict(RECIPE, calibration_images=int(len(calib))))
+        return _artifact(build_dir, stitch.id, rel8, "int8", _derived_info(art32), art32.simplifier, figures8, hash8,
+                         shipped, source_sha256=art32.sha256, data=data)
+
+
+def _to_skeleton(model):
+    """Turn ``model`` (already serialized, not needed whole again) into its skeleton, in place: every large
+    initializer becomes a stub pointing at external data that is never read. That is all a check of ops, dtypes
+    and shapes needs, and shape inference on it does not copy the weights twice."""
+    import onnx
+
+    g = model.graph
+    big = [t for t in g.initializer if len(t.raw_data) >= 4096]
+    small = [t for t in g.initializer if len(t.raw_data) < 4096]
+    del g.initializer[:]
+    g.initializer.extend(small)
+    for t in big:
+        stub = g.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "weights-not-loaded"
+    return model
+
+
+class _Clock:
+    """Seconds per named phase (``with clock("export"): ...``), recorded in each artifact's validation figures."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - start, 3)
+
+
+def _write_file(final: Path, data: bytes) -> None:
+    """``data`` at ``final``, complete or not at all (temp file, fsync, rename)."""
+    tmp = temp_path_for(final)
+    try:
+        tmp.write_bytes(data)
+        commit(tmp, final)
     finally:
-        for t in temps:
-            t.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_reference(build_dir: Path, stitch_id: str, inputs, logits) -> dict:
@@ -300,10 +467,7 @@ def _metadata(stitch: Stitch, precision: str, settings_hash: str) -> dict:
     }
 
 
-def _set_metadata_file(path: Path, metadata: dict) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
+def _set_metadata(model, metadata: dict) -> None:
     existing = {p.key: p for p in model.metadata_props}
     for key, value in metadata.items():
         if key in existing:
@@ -311,11 +475,11 @@ def _set_metadata_file(path: Path, metadata: dict) -> None:
         else:
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
-    onnx.save(model, str(path))  # path is still a private temp file: rewriting it in place is safe
 
 
 def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figures, settings_hash, reference: dict,
-              source_sha256: str = "") -> Artifact:
+              source_sha256: str = "", data: Optional[bytes] = None) -> Artifact:
+    """The record of the file at ``rel``; ``data``: its bytes as just written (hashed here instead of re-read)."""
     import onnxruntime
 
     path = build_dir / rel
@@ -328,8 +492,8 @@ def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figur
         file=rel,
         format="onnx",
         precision=precision,
-        size_bytes=path.stat().st_size,
-        sha256=sha256_file(path),
+        size_bytes=len(data) if data is not None else path.stat().st_size,
+        sha256=sha256_bytes(data) if data is not None else sha256_file(path),
         input_name=info["input_name"],
         input_shape=tuple(info["input_shape"]),
         input_dtype="float32",  # FP16 models keep FP32 I/O (see fp16.py)
@@ -370,14 +534,28 @@ def _validation_inputs(input_shape, calib_images, num_random: int, seed: int):
 
 
 def _read_exports(path: Path) -> dict[tuple[str, str], Artifact]:
+    from snexport.device.deployset import read_artifact_list
+
     if not path.is_file():
         return {}
-    try:
-        doc = json.loads(path.read_text())
-        arts = [Artifact.from_dict(d) for d in doc]
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise BuildDirError(f"{path} is not a valid exports list ({exc}); delete it to re-export every stitch") from None
+    arts = read_artifact_list(path, "delete it to re-export every stitch")
     return {(a.stitch_id, a.precision): a for a in arts}
+
+
+_DISK_REFUSED = files.STORAGE_ERRNOS
+
+
+def _disk_refusal(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind ``exc`` when the disk refused a write (full, over quota, read-only), else None.
+
+    Exporters and simplifiers re-raise I/O errors as their own types, so the cause chain is searched.
+    """
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in _DISK_REFUSED:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _write_exports(path: Path, records: dict) -> None:
@@ -385,9 +563,14 @@ def _write_exports(path: Path, records: dict) -> None:
 
 
 def _remove_stale_temps(engines: Path) -> None:
+    import shutil
+
     for stale in engines.glob(f".*{TMP_SUFFIX}"):
         log.info("removing %s left by an interrupted export", stale.name)
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():  # the int8 quantizer's work directory
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     for stale in engines.glob(f".*{TMP_SUFFIX}.data"):
         stale.unlink(missing_ok=True)
 

@@ -3,6 +3,11 @@
 Run on the host right after export, so an unsupported op is reported there and not after copying files to a Jetson
 and waiting for an engine build to fail.
 
+The CNN and Swin families add no op outside the table: ResNet stitches export as Conv (BatchNorm folded into it by
+the exporter in eval mode), Relu, MaxPool, Add, GlobalAveragePool, Flatten, Gemm; Swin's shifted windows as
+Reshape/Transpose/Slice/Concat (roll), Pad where a map is not a multiple of the window, MatMul, Softmax,
+LayerNormalization (tests/test_families_cnn.py exports both and checks them here).
+
 Source of the table: onnx-tensorrt ``docs/operators.md`` (TensorRT 10.15 edition: "supports operators in the inclusive
 range of opset 9 to opset 24"; the TensorRT 10.0 edition says opset 9 to 20). Per op we keep the data types listed
 there for the op's main data input; the restrictions we can check statically are checked too (see ``_restrictions``).
@@ -247,6 +252,9 @@ def _restrictions(node, constants: set) -> list[str]:
         out.append("ScatterND: `reduction` other than none is not supported")
     if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in attrs.get("dilations", [])):
         out.append(f"{op}: `dilations` must be empty or all ones")
+    if op in ("MaxPool", "AveragePool") and len(attrs.get("kernel_shape", (0, 0))) not in (2, 3):
+        # CNN stems pool 2-D (ResNet's 3x3 max pool); a 1-D pool over tokens is what TensorRT refuses.
+        out.append(f"{op}: 2D or 3D pooling only")
     if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
         out.append("MaxPool: the `Indices` output is not supported")
     if op == "Dropout" and len(node.input) > 2 and node.input[2] and node.input[2] not in constants:

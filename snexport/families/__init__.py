@@ -2,13 +2,15 @@
 
 ``registry`` resolves names (aliases, timm names, the demo family) to a family adapter and is the front door:
 ``describe_anchor`` (architecture facts without weights), ``load_anchor`` (a model with weights). One module per
-family (``vit``) states its blocks, widths and feature shapes, how to run stem / blocks / head, and how to count
-FLOPs and params in the paper's convention. Standard library only at import; torch and timm load inside functions.
+family (``vit``, ``swin``, ``resnet``; ``staged`` holds what the families with stages share) states its blocks,
+stages, widths and feature shapes, how to run stem / blocks / head, and how to count FLOPs and params in the
+paper's convention (``flops``). Standard library only at import; torch and timm load inside functions.
 """
 
 from snexport.families.registry import (  # noqa: F401  (the stage's public API)
     describe_anchor,
     describe_anchors,
+    describe_model,
     family_of,
     is_demo_family,
     load_anchor,

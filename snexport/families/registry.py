@@ -1,8 +1,9 @@
 """Names to families: aliases, timm names and the bundled demo family, each resolved to its family adapter.
 
 Real anchors come from timm by name with weights from timm's usual sources (Hugging Face hub cache) or a local
-file; the bundled demo family (``demo``) is three tiny ViTs trained on scikit-learn's digits, built through the
-same timm code path. Adding a family = one adapter module (see ``base.py``) + one entry in ``FAMILIES``.
+file; the bundled demo families (``demo``: three tiny ViTs, ``demo_cnn``: three tiny ResNets) are trained on
+scikit-learn's digits, built through the same timm code path. Adding a family = one adapter module (see
+``base.py``) + one entry in ``FAMILIES``.
 torch and timm are imported inside functions so that ``snexport --help`` and plans of recorded models stay light.
 """
 
@@ -14,15 +15,16 @@ from types import ModuleType
 from typing import Any, Optional
 
 from snexport.errors import IncompatibleAnchorsError, UnknownModelError
-from snexport.families import demo, vit
+from snexport.families import demo, resnet, swin, vit
 from snexport.families.weights import parse_weights_option  # noqa: F401  (re-exported for the CLI)
 from snexport.records import AnchorSpec
 
 # Every family adapter, tried in order when a model has to be claimed by its class.
-FAMILIES: dict[str, ModuleType] = {vit.name: vit}
+FAMILIES: dict[str, ModuleType] = {vit.name: vit, swin.name: swin, resnet.name: resnet}
 
-FAMILY_SHORTCUTS = {"demo": demo.DEMO_FAMILY, "deit": ("deit_ti", "deit_s", "deit_b"),
-                    "deit3": ("deit3_s", "deit3_b", "deit3_l")}
+FAMILY_SHORTCUTS = {"demo": demo.DEMO_FAMILY, "demo_cnn": demo.DEMO_CNN_FAMILY,
+                    "deit": ("deit_ti", "deit_s", "deit_b"), "deit3": ("deit3_s", "deit3_b", "deit3_l"),
+                    "swin": ("swin_ti", "swin_s", "swin_b"), "resnet": ("resnet18", "resnet50")}
 
 
 def _aliases() -> dict[str, str]:
@@ -53,7 +55,7 @@ def split_anchor_names(text: str | None) -> list[str]:
 def resolve_name(name: str) -> tuple[str, dict]:
     """User name -> (timm name, extra create_model kwargs). Raises UnknownModelError with suggestions."""
     if name in demo.DEMO_KWARGS:
-        return demo.DEMO_TIMM_NAME, dict(demo.DEMO_KWARGS[name])
+        return demo.timm_name(name), dict(demo.DEMO_KWARGS[name])
     aliases = _aliases()
     if name in aliases:
         return aliases[name], {}
@@ -62,8 +64,9 @@ def resolve_name(name: str) -> tuple[str, dict]:
     base = name.split(".", 1)[0]  # timm names may carry a pretrained tag: vit_base_patch16_224.augreg_in21k
     if timm.is_model(base):
         return name, {}
-    raise UnknownModelError.for_name(name, list(aliases) + list(demo.DEMO_KWARGS) + timm.list_models("*vit*")
-                                     + timm.list_models("deit*"))
+    raise UnknownModelError.for_name(name, list(aliases) + list(demo.DEMO_KWARGS) + list(FAMILY_SHORTCUTS)
+                                     + timm.list_models("*vit*") + timm.list_models("deit*")
+                                     + timm.list_models("swin*") + timm.list_models("resnet*"))
 
 
 def create_model(timm_name: str, kwargs: dict, pretrained: bool = False):
@@ -95,13 +98,22 @@ def family_of(spec: AnchorSpec) -> ModuleType:
 
 @lru_cache(maxsize=64)
 def _describe_cached(name: str) -> AnchorSpec:
+    timm_name, kwargs = resolve_name(name)
+    return describe_model(name, timm_name, kwargs)
+
+
+def describe_model(name: str, timm_name: str, create_kwargs: dict) -> AnchorSpec:
+    """Architecture facts of ``timm.create_model(timm_name, **create_kwargs)``, listed under ``name``.
+
+    For architectures no name resolves to (tests' tiny Swins and ResNets, custom widths): the resulting spec
+    builds, plans, trains and exports like any other, since every later stage rebuilds modules from the spec.
+    """
     import torch
 
-    timm_name, kwargs = resolve_name(name)
     # The meta device builds the module graph without allocating weights: plans for DeiT-B/ViT-L cost nothing.
     with torch.device("meta"):
-        model = create_model(timm_name, kwargs)
-    return claim(model, name).describe(name, timm_name, kwargs, model)
+        model = create_model(timm_name, create_kwargs)
+    return claim(model, name).describe(name, timm_name, create_kwargs, model)
 
 
 def describe_anchor(name: str) -> AnchorSpec:

@@ -140,6 +140,7 @@ def describe(name: str, timm_name: str, create_kwargs: dict, model: Any) -> Anch
         stage_rows=(tokens,),
         stage_layout=("tokens",),
         head_flops=head_f,
+        stitch_stages=(0,),
     )
 
 

@@ -6,9 +6,10 @@ is a candidate unless the user names them, and the output says accuracy is unkno
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
-from snexport.buildfiles import read_json, read_jsonl
+from snexport.buildfiles import read_json, read_jsonl, require_writable
 from snexport.errors import BuildDirError, SnexportError
 from snexport.hashing import atomic_write_json
 
@@ -22,8 +23,11 @@ def parse_stitch_choice(choice: str | None) -> tuple[str, list[str]]:
 
 
 def latest_profile(build, device_key: Optional[str] = None) -> dict[str, dict]:
-    """stitch id -> newest profile.jsonl record on one device (default: the newest device measured)."""
-    rows = [r for r in read_jsonl(build.profile_path) if "stitch_id" in r and isinstance(r.get("stats"), dict)]
+    """stitch id -> newest profile.jsonl record on one device (default: the newest device measured).
+
+    Of an engine measured on several runtimes, the record of the one it runs on (``chosen``; bench marks it)."""
+    rows = [r for r in read_jsonl(build.profile_path)
+            if isinstance(r.get("stitch_id"), str) and isinstance(r.get("stats"), dict) and r.get("chosen", True)]
     if not rows:
         return {}
     key = device_key or rows[-1].get("device_key")
@@ -36,6 +40,7 @@ def select_stage(build, by: str = "gflops", stitches: str | None = "pareto", dev
     from snexport.device.pareto import memory_for_pareto, select_candidates
 
     plan = build.load_plan()
+    require_writable(build.root, "snexport select")  # it ends by writing candidates.json
     evals = build.read_eval()
     mode, ids = parse_stitch_choice(stitches)
     for i in ids:
@@ -53,7 +58,7 @@ def select_stage(build, by: str = "gflops", stitches: str | None = "pareto", dev
         top1 = evals[s.id].top1 if s.id in evals else None
         rec = {"id": s.id, "top1": top1, "gflops": s.gflops, "params": s.params, "is_anchor": s.is_anchor}
         if by == "latency":
-            measured = measurement_for_manifest(profile[s.id]["stats"], None)
+            measured = _measurement(build, s.id, profile[s.id]["stats"], measurement_for_manifest)
             rec["latency_p50_ms"] = measured["latency_ms"]["p50"]
             rec["memory_mb"] = memory_for_pareto(engine_memory_mb(measured))
         records.append(rec)
@@ -79,11 +84,41 @@ def select_stage(build, by: str = "gflops", stitches: str | None = "pareto", dev
     return doc
 
 
+def _measurement(build, stitch_id: str, stats: dict, to_manifest) -> dict:
+    """One profile.jsonl record as the manifest's measurement; BuildDirError when it is malformed or its numbers
+    are not finite, non-negative durations (a NaN latency would sort anywhere on the Pareto front)."""
+    fix = f"re-run `snexport bench {build.root}` on the device to measure it again"
+    try:
+        measured = to_manifest(stats, None)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise BuildDirError(f"{build.profile_path}: the record of {stitch_id} is malformed ({type(exc).__name__}: "
+                            f"{exc}); {fix}") from None
+    timings = [measured["latency_ms"], measured["load_ms"]]
+    bad = [v for t in timings for v in t.values() if v is not None and not (_finite(v) and v >= 0)]
+    if bad or not _finite_tree(measured):
+        raise BuildDirError(f"{build.profile_path}: the record of {stitch_id} holds "
+                            f"{'a negative' if bad and _finite(bad[0]) else 'a non-finite'} number; {fix}")
+    return measured
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finite_tree(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_finite_tree(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_tree(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def read_candidates(build) -> dict:
     if not build.candidates_path.is_file():
         raise BuildDirError(f"{build.root} has no candidates.json; run `snexport select {build.root}` first")
     fix = f"re-run `snexport select {build.root}`"
     doc = read_json(build.candidates_path, "the candidates", fix)
-    if not isinstance(doc, dict) or not isinstance(doc.get("candidates"), list):
+    if not isinstance(doc, dict) or not isinstance(doc.get("candidates"), list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), str) for c in doc["candidates"]):
         raise BuildDirError(f"{build.candidates_path} is corrupt; {fix}")
     return doc

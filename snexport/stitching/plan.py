@@ -1,5 +1,17 @@
 """Which stitches exist: the enumeration rules of snnet-spec.md, over architecture facts only.
 
+Two rule sets, as in the official code:
+- plain ViTs (one stage of equal blocks, SN-Net v1 DeiT): sliding windows over equal depths (all ordered pairs in
+  a window, one shared layer per window), nearest interpolation with one layer per pair over unequal depths;
+- anchors with stages (Swin, ResNet, ResNet→Swin; official ``stitching_swin`` / ``stitching_resnet_swin``): stitch
+  only within a stage, between the same stage of two neighbouring anchors, in the stages both families stitch
+  (``AnchorSpec.stitch_stages``) where the feature maps have the same size. Equal stage depths: the sliding-window
+  pairs with j < k only (window 2, stride 1: (m, m+1), m = 0..d-2, a layer each). Unequal depths: back block i maps
+  to front block floor(i·d_f/d_b) and (map, i) is emitted when map < i; the n-th emitted pair uses layer
+  floor(n·d_f/d_b) -- the official code zips the pair list with the mapping list, so e.g. Swin-T→S stage 2 pair
+  (1, 3) shares layer 0 with (0, 1) and (0, 2). Counts: Swin-T/S/B 41, ResNet-18/50 10, ResNet-18→Swin-T 8.
+Stitching-layer indices are numbered per anchor pair over all its stages, in order of first use.
+
 Standard library only, so `snexport plan` answers without torch and without weights. The SN-Net, the export and
 the manifest all take stitch ids and routes from here.
 """
@@ -69,8 +81,58 @@ def unpaired_pairs(depth_front: int, depth_back: int) -> list[tuple[int, int, in
     return out
 
 
+def stage_paired_pairs(depth: int, window: int = 2, stride: int = 1) -> list[tuple[int, int, int]]:
+    """(j, k, layer) within one stage of equal depth: the sliding-window pairs with j < k (hierarchical rule).
+
+    With the official window 2, stride 1: (m, m + 1) for m = 0..depth-2, each with its own layer.
+    """
+    return [(j, k, layer) for j, k, layer in paired_pairs(depth, window, stride) if j < k]
+
+
+def stage_unpaired_pairs(depth_front: int, depth_back: int) -> list[tuple[int, int, int]]:
+    """(j, k, layer) within one stage of unequal depths, with the official hierarchical layer sharing.
+
+    The pairs are those of ``unpaired_pairs``; the n-th pair uses layer floor(n·d_front/d_back). 2→6 blocks
+    (ResNet-18→50 layer3): (0,1) (0,2) (1,3) (1,4) (1,5) on layers 0 0 0 1 1.
+    """
+    pairs = unpaired_pairs(depth_front, depth_back)
+    return [(j, k, (n * depth_front) // depth_back) for n, (j, k, _) in enumerate(pairs)]
+
+
+def is_staged(anchor: AnchorSpec) -> bool:
+    """True for anchors with stages (Swin, ResNet): stitched stage by stage; False for a plain ViT."""
+    return len(anchor.stage_widths) > 1
+
+
+def _stages_of(anchor: AnchorSpec) -> tuple:
+    return tuple(anchor.stitch_stages) or tuple(range(len(anchor.stage_widths)))
+
+
+def stitched_stages(front: AnchorSpec, back: AnchorSpec) -> list[int]:
+    """Stages stitched between two staged anchors: both families stitch them and the feature maps match in size.
+
+    Raises IncompatibleAnchorsError, naming the stage sizes, when there is none.
+    """
+    common = sorted(set(_stages_of(front)) & set(_stages_of(back)))
+    ok = [s for s in common if s < len(front.stage_rows) and s < len(back.stage_rows)
+          and front.stage_rows[s] == back.stage_rows[s] and s in front.unit_stage and s in back.unit_stage]
+    if not ok:
+        raise IncompatibleAnchorsError(
+            f"cannot stitch {front.name} and {back.name}: no stage both stitch has the same feature-map size "
+            f"({front.name}: stages {list(_stages_of(front))} with {list(front.stage_rows)} pixels, {back.name}: "
+            f"stages {list(_stages_of(back))} with {list(back.stage_rows)}); use anchors at the same input size"
+        )
+    for s in ok:
+        if front.stage_layout[s] == "tokens" and back.stage_layout[s] != "tokens":
+            raise IncompatibleAnchorsError(
+                f"cannot stitch {front.name} into {back.name}: a token sequence (stage {s}) has no spatial shape to "
+                f"feed a {back.stage_layout[s]} feature map; order the anchors the other way or choose other anchors"
+            )
+    return ok
+
+
 def check_stitchable(anchors: list[AnchorSpec]) -> None:
-    """Refuse anchors that cannot share one token sequence, naming the first mismatch."""
+    """Refuse anchors that cannot be stitched, naming the first mismatch."""
     if len(anchors) < 2:
         raise IncompatibleAnchorsError(
             f"need at least two anchors to stitch, got {len(anchors)} ({', '.join(a.name for a in anchors)}); "
@@ -80,6 +142,23 @@ def check_stitchable(anchors: list[AnchorSpec]) -> None:
     if len(set(names)) != len(names):
         raise IncompatibleAnchorsError(f"anchors must be distinct, got {', '.join(names)}")
     ref = anchors[0]
+    staged = [a for a in anchors if is_staged(a)]
+    if staged:
+        plain = [a for a in anchors if not is_staged(a)]
+        if plain:
+            raise IncompatibleAnchorsError(
+                f"cannot stitch {plain[0].name} (a plain ViT: one token sequence) with {staged[0].name} (a "
+                f"{staged[0].family} with stages); choose anchors that all have stages or all are plain ViTs"
+            )
+        for a in anchors[1:]:
+            for attr, what in (("img_size", "image size"), ("in_chans", "input channels"),
+                               ("num_classes", "number of classes")):
+                if getattr(a, attr) != getattr(ref, attr):
+                    raise IncompatibleAnchorsError(
+                        f"cannot stitch {ref.name} and {a.name}: {what} differs "
+                        f"({getattr(ref, attr)} vs {getattr(a, attr)}); choose anchors with equal {what}"
+                    )
+        return
     for a in anchors[1:]:
         for attr, what in (
             ("patch_size", "patch size"),
@@ -100,10 +179,20 @@ def order_by_size(anchors: Iterable[AnchorSpec]) -> list[AnchorSpec]:
     return sorted(anchors, key=lambda a: (a.gflops, a.width, a.depth, a.name))
 
 
-def _pairs_for(front: AnchorSpec, back: AnchorSpec, settings: PlanSettings) -> list[tuple[int, int, int]]:
-    if front.depth == back.depth:
-        return paired_pairs(front.depth, settings.window, settings.stride)
-    return unpaired_pairs(front.depth, back.depth)
+def _pairs_for(front: AnchorSpec, back: AnchorSpec, settings: PlanSettings) -> list[tuple[int, int, int, int]]:
+    """(stage, cut, resume, layer within its stage) for one anchor pair; cut/resume are flat unit indices."""
+    if not is_staged(front):
+        if front.depth == back.depth:
+            return [(0, j, k, layer) for j, k, layer in paired_pairs(front.depth, settings.window, settings.stride)]
+        return [(0, j, k, layer) for j, k, layer in unpaired_pairs(front.depth, back.depth)]
+    out = []
+    for stage in stitched_stages(front, back):
+        f0, b0 = front.unit_stage.index(stage), back.unit_stage.index(stage)
+        df, db = front.unit_stage.count(stage), back.unit_stage.count(stage)
+        pairs = (stage_paired_pairs(df, settings.window, settings.stride) if df == db
+                 else stage_unpaired_pairs(df, db))
+        out.extend((stage, f0 + j, b0 + k, layer) for j, k, layer in pairs)
+    return out
 
 
 def stitch_id(front: str, cut: int, back: str, resume: int) -> str:
@@ -210,12 +299,14 @@ def plan_stitches(anchors: Iterable[AnchorSpec], settings: PlanSettings = PlanSe
         configs.append(Stitch(a.name, a.name, a.name, None, None, None, blocks, round(flops.to_gflops(f), 6), p))
     layer_keys: list[tuple[str, str, int]] = []
     for front, back in pairs:
-        pair_layers: set[int] = set()
-        for j, k, layer in _pairs_for(front, back, settings):
+        numbering: dict[tuple[int, int], int] = {}  # (stage, layer within the stage) -> layer of the pair
+        for stage, j, k, local in _pairs_for(front, back, settings):
+            if (stage, local) not in numbering:
+                numbering[(stage, local)] = len(numbering)
+                layer_keys.append((front.name, back.name, numbering[(stage, local)]))
+            layer = numbering[(stage, local)]
             f, p, blocks = path_cost(front, back, j, k)
             sid = stitch_id(front.name, j, back.name, k)
-            configs.append(Stitch(sid, front.name, back.name, j, k, layer, blocks, round(flops.to_gflops(f), 6), p))
-            if layer not in pair_layers:
-                pair_layers.add(layer)
-                layer_keys.append((front.name, back.name, layer))
+            configs.append(Stitch(sid, front.name, back.name, j, k, layer, blocks, round(flops.to_gflops(f), 6), p,
+                                  stage=stage))
     return StitchPlan(tuple(ordered), settings, tuple(configs), len(layer_keys), tuple(layer_keys))

@@ -44,6 +44,14 @@ class StitchedNet(nn.Module):
         return self.head(x)
 
 
+def layer_stage(plan: StitchPlan, stitch) -> int:
+    """The stage a stitch cuts (plans written before stages were recorded: from the front unit's stage)."""
+    if stitch.stage is not None:
+        return stitch.stage
+    spec = plan.anchor(stitch.front)
+    return spec.unit_stage[stitch.cut] if spec.unit_stage else 0
+
+
 def layer_key(front_index: int, back_index: int, layer: int) -> str:
     # ModuleDict keys cannot contain '.', and timm names may (pretrained tags): use anchor positions.
     return f"a{front_index}_a{back_index}_l{layer}"
@@ -60,9 +68,14 @@ class SNNet(nn.Module):
         self.anchors = nn.ModuleList(anchors)
         self._index = {a.name: i for i, a in enumerate(plan.anchors)}
         self.stitch_layers = nn.ModuleDict()
+        stage_of = {(s.front, s.back, s.layer): layer_stage(plan, s) for s in plan.stitch_only}
         for front, back, layer in plan.layer_keys:
             fa, ba = plan.anchor(front), plan.anchor(back)
-            self.stitch_layers[self._key(front, back, layer)] = make_stitching_layer(fa.width, ba.width)
+            st = stage_of[(front, back, layer)]
+            # Width and layout are those of the stage the layer sits in (Swin-T→S stage 2: 384→384 on (B,H,W,C);
+            # ResNet-18→50 layer2: Conv2d 128→512 on NCHW).
+            self.stitch_layers[self._key(front, back, layer)] = make_stitching_layer(
+                fa.stage_widths[st], ba.stage_widths[st], fa.stage_layout[st], ba.stage_layout[st])
         self._rebuild_routes()
 
     def _rebuild_routes(self) -> None:
@@ -73,8 +86,23 @@ class SNNet(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for spec, model in zip(self.plan.anchors, self.anchors):
+            after_load = getattr(family_of(spec), "after_load", None)
+            if after_load is not None:  # buffers no weights file holds (Swin's window masks) are recomputed
+                after_load(model)
         self._rebuild_routes()
         return result
+
+    def train(self, mode: bool = True):
+        """Train mode, except the BatchNorm statistics of families that keep them during fine-tuning (resnet.py)."""
+        super().train(mode)
+        if mode:
+            for spec, model in zip(self.plan.anchors, self.anchors):
+                if getattr(family_of(spec), "FREEZE_NORM_STATS", False):
+                    for m in model.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
+        return self
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -123,38 +151,48 @@ class SNNet(nn.Module):
                               progress: Optional[Callable[[int, int], None]] = None) -> dict:
         """Least-squares init of every stitching layer from calibration images (spec: ~100 images).
 
-        X = front output of block j, Y = back output of block k-1 (k = 0: the back anchor's embedding output),
-        flattened over batch and tokens. Anchors run in eval mode. Returns timing facts for the report.
+        X = front output of unit j, Y = back output of unit k-1 (k = 0: the back anchor's embedding output),
+        flattened over images and tokens or pixels (channels last). Anchors run in eval mode. Only the features
+        some stitch uses are kept (100 Swin-B images hold GBs of features otherwise). Returns timing facts.
         """
         started = time.perf_counter()
         was_training = self.training
         self.eval()
-        # Collect per anchor: index 0 = embedding output, index b+1 = output of block b.
-        acts: list[list[torch.Tensor]] = []
-        for spec, model in zip(self.plan.anchors, self.anchors):
+        stitches = [s for s in self.plan.stitches if not s.is_anchor]
+        # Per anchor, the positions needed: 0 = embedding output, b+1 = output of unit b.
+        needed: list[set[int]] = [set() for _ in self.plan.anchors]
+        for s in stitches:
+            needed[self._index[s.front]].add(s.cut + 1)
+            needed[self._index[s.back]].add(s.resume)
+        acts: list[dict[int, torch.Tensor]] = []
+        for spec, model, wanted in zip(self.plan.anchors, self.anchors, needed):
             family = family_of(spec)
             stem, units = family.stem(model), family.units(model)
-            chunks: list[list[torch.Tensor]] = [[] for _ in range(len(units) + 1)]
+            last = max(wanted, default=0)
+            chunks: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
             for start in range(0, images.shape[0], batch_size):
                 x = stem(images[start:start + batch_size])
-                chunks[0].append(x)
-                for b, unit in enumerate(units):
+                if 0 in chunks:
+                    chunks[0].append(x)
+                for b, unit in enumerate(units[:last]):
                     x = unit(x)
-                    chunks[b + 1].append(x)
-            acts.append([torch.cat(c) for c in chunks])
+                    if b + 1 in chunks:
+                        chunks[b + 1].append(x)
+            acts.append({i: torch.cat(c) for i, c in chunks.items()})
         collect_s = time.perf_counter() - started
 
         solve_started = time.perf_counter()
         solutions: dict[str, list] = {}
         pinv_cache: dict[tuple[int, int], torch.Tensor] = {}
-        stitches = [s for s in self.plan.stitches if not s.is_anchor]
         for n, s in enumerate(stitches):
             fi, bi = self._index[s.front], self._index[s.back]
+            stage = layer_stage(self.plan, s)
+            fspec, bspec = self.plan.anchors[fi], self.plan.anchors[bi]
             if (fi, s.cut) not in pinv_cache:
-                pinv_cache[(fi, s.cut)] = pinv_with_bias(acts[fi][s.cut + 1])
-            y = acts[bi][s.resume]  # output of back block resume-1 (index 0: embedding)
+                pinv_cache[(fi, s.cut)] = pinv_with_bias(acts[fi][s.cut + 1], fspec.stage_layout[stage])
+            y = acts[bi][s.resume]  # output of back unit resume-1 (index 0: embedding)
             solutions.setdefault(self._key(s.front, s.back, s.layer), []).append(
-                least_squares_solution(pinv_cache[(fi, s.cut)], y)
+                least_squares_solution(pinv_cache[(fi, s.cut)], y, bspec.stage_layout[stage])
             )
             if progress:
                 progress(n + 1, len(stitches))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from snexport import buildfiles as files
+from snexport.buildfiles import require_writable
 from snexport.stitching.store import BuildDir
 from snexport.hashing import sha256_file
 from snexport.stitching.plan import PlanSettings, plan_stitches
@@ -53,6 +54,10 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
     if unknown:
         raise WeightsError(f"--weights names {', '.join(sorted(unknown))}, which is not among the anchors "
                            f"({', '.join(anchor_names)})")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BuildDirError(f"--out {out} is a file, not a directory; pass a new or existing build directory")
+    require_writable(out, "snexport stitch")  # checked before the anchors load, not after
     plan = plan_stitches(describe_anchors(anchor_names), settings)
     uses_demo = is_demo_family(a.name for a in plan.anchors)
     if data is None and uses_demo:

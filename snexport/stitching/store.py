@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from snexport.buildfiles import BuildFiles
+from snexport.buildfiles import BuildFiles, record_from_json
 from snexport.errors import BuildDirError
 from snexport.hashing import atomic_write_json
+from snexport.records import AnchorSpec, Stitch
 from snexport.stitching.plan import StitchPlan
 
 
@@ -16,11 +17,16 @@ class BuildDir(BuildFiles):
     def load_plan(self) -> StitchPlan:
         doc = self.plan_doc()
         try:
+            # Field types first: plan.json may come from another machine, and a string where a number belongs
+            # would otherwise surface as a TypeError stages later.
+            for key, record in (("anchors", AnchorSpec), ("stitches", Stitch)):
+                for item in doc.get(key) or ():
+                    record_from_json(record, item)
             plan = StitchPlan.from_dict(doc)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BuildDirError(f"{self.plan_path} is not a valid plan ({exc}); re-create it with `snexport stitch`") from None
-        if doc.get("hash") and doc["hash"] != plan.hash:
-            raise BuildDirError(f"{self.plan_path} was edited (hash {doc['hash']} != {plan.hash}); re-create it with "
+        if doc.get("hash") != plan.hash:  # every plan snexport writes carries its hash
+            raise BuildDirError(f"{self.plan_path} was edited (hash {doc.get('hash')} != {plan.hash}); re-create it with "
                                 "`snexport stitch`")
         return plan
 

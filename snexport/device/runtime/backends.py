@@ -1,8 +1,11 @@
 """The one backend table: which runtimes exist, which files they run, how to tell they are installed.
 
-Adding a backend (OpenVINO, say) = one runner module + one entry here; profiles, bench, the selector and the
-manifest schema take their backend names from this table. Standard library only: runner classes are imported
-when a runner is built, and availability checks look for the runtime without importing it.
+Adding a backend = one runner module + one entry here; profiles, bench, the selector and the manifest take their
+backend names from this table, and everything else they need to know of a backend is a field of its entry: which
+engine files it reads (``packs``), which precisions it may run without changing the engine's measured accuracy,
+whether `snexport bench` measures it on a CPU profile (``cpu``), whether its runner takes a thread count, and
+whether its outputs were already validated where its files were made. Standard library only: runner classes are
+imported when a runner is built, and availability checks look for the runtime without importing it.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
-from snexport.errors import BackendUnavailableError
+from snexport.buildfiles import ORT_PACK_DIR, PACK_DIR
+from snexport.errors import BackendUnavailableError, BuildDirError
 
 
 @dataclass(frozen=True)
@@ -26,19 +30,57 @@ class Backend:
     module: str  # the Python package of the runtime, to check it is installed
     extra: str  # the pip extra of snexport that installs it
     needs_gpu: bool = False
+    aliases: tuple = ()  # short names accepted on the command line (`snexport bench --backends ort,ov`)
+    # Runs engine files on the CPU: `snexport bench` on a CPU profile measures every installed one per engine.
+    cpu: bool = False
+    # Engine precisions it runs with the engine's recorded accuracy still holding (an int8 file's top-1 was
+    # measured under ONNX Runtime's int8 kernels; another runtime's int8 arithmetic is another engine).
+    precisions: tuple = ("fp32",)
+    # Pack directories whose files it reads, most preferred first; standalone files when none is complete.
+    packs: tuple = ()
+    takes_threads: bool = False  # its runner takes the CPU thread count as `threads=` (profiles, the selector)
+    # Its outputs are gated where its files are made (the host's export validates every ONNX file with ONNX
+    # Runtime; the device's TensorRT build validates each engine); any other runtime is gated by `snexport bench`
+    # on the shipped reference logits before its numbers may stand for an engine.
+    validated_where_made: bool = False
+    runner_defaults: Mapping = field(default_factory=dict, hash=False)  # options every profile run gets
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
+        # First of the .onnx runtimes: the one a bare .onnx path opens with (backend_for_path).
         Backend("onnxruntime", "ONNX Runtime", "snexport.device.runtime.onnxruntime_runner:OnnxRuntimeRunner", (".onnx",),
-                "onnxruntime", "ort"),
+                "onnxruntime", "ort", aliases=("ort",), cpu=True, precisions=("fp32", "fp16", "int8"),
+                packs=(ORT_PACK_DIR, PACK_DIR), takes_threads=True, runner_defaults={"providers": ["cpu"]},
+                validated_where_made=True),
+        # The portable ONNX only: the ORT-optimized pack holds ONNX Runtime's own prepacked blobs.
+        Backend("openvino", "OpenVINO", "snexport.device.runtime.openvino_runner:OpenVinoRunner", (".onnx",),
+                "openvino", "openvino", aliases=("ov",), cpu=True, precisions=("fp32",), packs=(PACK_DIR,),
+                takes_threads=True),
         Backend("tensorrt", "TensorRT", "snexport.device.runtime.tensorrt_runner:TensorRTRunner", (".engine", ".plan", ".trt"),
-                "tensorrt", "tensorrt", needs_gpu=True),
+                "tensorrt", "tensorrt", needs_gpu=True, aliases=("trt",), precisions=("fp32", "fp16"),
+                validated_where_made=True),
         # Runs a materialised stitch in PyTorch (the reference, and the CUDA-graph baseline): host toolchain only.
-        Backend("torch", "PyTorch", "snexport.device.runtime.torch_runner:TorchRunner", (), "torch", "build"),
+        Backend("torch", "PyTorch", "snexport.device.runtime.torch_runner:TorchRunner", (), "torch", "build",
+                validated_where_made=True),  # it is the reference
     )
 }
+
+
+def resolve_backend(name: str) -> str:
+    """A backend's table name from its name or alias (``ort`` -> ``onnxruntime``); a clear error otherwise."""
+    key = name.strip().lower()
+    for backend in BACKENDS.values():
+        if key == backend.name or key in backend.aliases:
+            return backend.name
+    known = ", ".join(f"{b.name} ({', '.join(b.aliases)})" if b.aliases else b.name for b in BACKENDS.values())
+    raise BackendUnavailableError(f"unknown backend '{name}'; use one of {known}")
+
+
+def cpu_backends(installed_only: bool = True) -> list[str]:
+    """The backends that run engine files on the CPU (table order), those installed here by default."""
+    return [b.name for b in BACKENDS.values() if b.cpu and (not installed_only or runtime_available(b.name)[0])]
 
 
 def runner_class(backend: str):
@@ -74,8 +116,26 @@ def open_runner(path: str | os.PathLike, backend: Optional[str] = None, **option
             f"the {backend} backend runs an in-memory module, not a file; use {cls}(module, input_shape)"
         )
     runner = runner_class(backend)(path, **options)
-    runner.load()
+    try:
+        runner.load()
+    except Exception as exc:  # noqa: BLE001 - only the runtime's own errors are translated (is_runtime_error)
+        if not is_runtime_error(exc):
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise BuildDirError(f"{BACKENDS[backend].label} cannot open {path} ({type(exc).__name__}: {first_line}); "
+                            f"it is not a valid {Path(path).suffix or backend} engine for this runtime: re-run "
+                            "`snexport export` (or `snexport bench` on the device), or copy the build directory "
+                            "again") from None
     return runner
+
+
+def is_runtime_error(exc: BaseException) -> bool:
+    """An error an inference runtime or the ONNX reader raises on a file it cannot use. Build directories come
+    from other machines, so such a file is bad input, not a bug; onnxruntime's exception types derive from
+    Exception directly, so they are recognised by the package they come from."""
+    module = type(exc).__module__ or ""
+    runtimes = {b.module for b in BACKENDS.values() if b.suffixes}
+    return module.split(".")[0] in runtimes | {"onnx", "google"} or module == "snexport.device.onnxproto"
 
 
 def cuda_device_count() -> int:

@@ -190,21 +190,20 @@ class OnnxRuntimeRunner(RunnerContext):
         wrong shape (seen with onnxruntime 1.32), so both are checked against the ONNX initializers first.
         """
         import numpy as np
-        import onnx
 
-        # load_external_data=False: only names, dims and types are needed, not the weights themselves.
-        model = onnx.load(str(self.path), load_external_data=False)
-        declared = {init.name: init for init in model.graph.initializer}
+        # Names, dims and types only: the graph is read without touching the weights (onnxproto, no onnx package).
+        declared = _initializer_infos(self.path)
         for name, array in self.shared_initializers.items():
             if name not in declared:
                 raise WeightsError(
                     f"shared initializer '{name}' is not an initializer of {self.path.name}; "
-                    "check the names the exporter wrote (onnx.load(...).graph.initializer)"
+                    "check the names the exporter wrote (snexport.device.onnxproto.initializer_infos)"
                 )
             if not isinstance(array, np.ndarray):
                 raise WeightsError(f"shared initializer '{name}' must be a numpy array, got {type(array).__name__}")
             init = declared[name]
-            want_shape, want_dtype = tuple(init.dims), _ONNX_DTYPES.get(init.data_type, str(init.data_type))
+            want_shape = tuple(init["dims"])
+            want_dtype = _ONNX_DTYPES.get(init["data_type"], str(init["data_type"]))
             if tuple(array.shape) != want_shape or str(array.dtype) != want_dtype:
                 raise WeightsError(
                     f"shared initializer '{name}' is {array.dtype}{list(array.shape)} but {self.path.name} "
@@ -218,29 +217,40 @@ class OnnxRuntimeRunner(RunnerContext):
 # Engine packs: one weights file, mapped once, shared by every session (snexport.export.pack writes them)
 
 
+def _initializer_infos(path: Path) -> dict[str, dict]:
+    """``onnxproto.initializer_infos`` of an engine file; a file that is no ONNX model is a WeightsError."""
+    from snexport.device import onnxproto
+
+    if not path.is_file():
+        raise BuildDirError(f"no ONNX file at {path}; run `snexport export` first or check the path")
+    try:
+        return onnxproto.initializer_infos(path)
+    except onnxproto.OnnxFormatError as exc:
+        raise WeightsError(f"{path} is not a readable ONNX model ({exc}); copy it again or re-run the export") from None
+
+
 def external_initializers(path: str | os.PathLike) -> dict[str, dict]:
     """External-data initializers of one ONNX file: name -> {location, offset, length, dtype, shape}.
 
-    Reads the graph only, not the weights. ``location`` is resolved against the ONNX file's directory (as ONNX
-    Runtime resolves it); ``dtype`` is a numpy dtype name, or the ONNX type number where numpy has none.
+    Reads the graph only, not the weights (``snexport.device.onnxproto``: no onnx package). ``location`` is
+    resolved against the ONNX file's directory (as ONNX Runtime resolves it); ``dtype`` is a numpy dtype name, or
+    the ONNX type number where numpy has none.
     """
-    import onnx
+    from snexport.device.onnxproto import DATA_LOCATION_EXTERNAL
 
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
     out = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    for name, info in _initializer_infos(path).items():
+        if info["data_location"] != DATA_LOCATION_EXTERNAL:
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        if "location" not in info:
-            raise WeightsError(f"initializer '{tensor.name}' of {path.name} has external data without a location")
-        out[tensor.name] = {
+        if not info["location"]:
+            raise WeightsError(f"initializer '{name}' of {path.name} has external data without a location")
+        out[name] = {
             "location": (path.parent / info["location"]).resolve(),
-            "offset": int(info.get("offset", 0)),
-            "length": int(info["length"]) if "length" in info else None,
-            "dtype": _ONNX_DTYPES.get(tensor.data_type, str(tensor.data_type)),
-            "shape": tuple(int(d) for d in tensor.dims),
+            "offset": info["offset"] or 0,
+            "length": info["length"],
+            "dtype": _ONNX_DTYPES.get(info["data_type"], str(info["data_type"])),
+            "shape": tuple(int(d) for d in info["dims"]),
         }
     return out
 
@@ -347,13 +357,19 @@ def check_ort_pack(path: str | os.PathLike) -> Optional[dict]:
     """Refuse an ONNX Runtime-optimized pack file made for another ORT version or CPU; None for other files."""
     import json
 
-    import onnx
+    from snexport.device import onnxproto
 
-    model = onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        meta = onnxproto.metadata(path)
+    except (OSError, onnxproto.OnnxFormatError) as exc:
+        raise WeightsError(f"cannot read {path} ({exc}); copy it again or re-run the pack") from None
     if ORT_PACK_METADATA not in meta:
         return None
-    made_for = json.loads(meta[ORT_PACK_METADATA])
+    try:
+        made_for = json.loads(meta[ORT_PACK_METADATA])
+    except ValueError:
+        raise WeightsError(f"{Path(path).name} has corrupt {ORT_PACK_METADATA} metadata; re-run optimize_pack on "
+                           "this device") from None
     here = ort_pack_identity()
     if made_for != here:
         raise BackendUnavailableError(

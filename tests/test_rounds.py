@@ -1,0 +1,143 @@
+"""Interleaved latency rounds and the noise-aware front (issue 10), with an injected clock instead of real time."""
+
+from __future__ import annotations
+
+import pytest
+
+from snexport.device.pareto import noise_aware_front
+from snexport.device.rounds import (RoundSettings, bootstrap_median_ci, iterations_for, percentile, run_rounds,
+                                    summarize_rounds)
+from snexport.errors import ProfileError
+
+
+class FakeMachine:
+    """A clock that advances by each engine's cost per run, plus a drift term that grows with elapsed work.
+
+    ``drift_ms_per_s`` slows everything down as the machine heats up: measured one after another, the engine
+    timed last looks slower than it is; interleaved rounds spread the drift over every engine.
+    """
+
+    def __init__(self, costs_ms: dict, drift_ms_per_s: float = 0.0):
+        self.costs_ms = costs_ms
+        self.drift = drift_ms_per_s
+        self.now_ns = 0
+        self.calls = {k: 0 for k in costs_ms}
+        self.log: list[str] = []
+
+    def clock(self) -> int:
+        return self.now_ns
+
+    def run(self, engine_id: str):
+        def go():
+            extra = self.drift * self.now_ns / 1e9
+            self.now_ns += int((self.costs_ms[engine_id] + extra) * 1e6)
+            self.calls[engine_id] += 1
+            self.log.append(engine_id)
+        return go
+
+
+def test_percentile_interpolates_like_numpy():
+    np = pytest.importorskip("numpy")
+    values = sorted([3.0, 1.0, 4.0, 1.5, 9.0, 2.6])
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    with pytest.raises(ProfileError):
+        percentile([], 50)
+
+
+def test_every_round_times_every_engine_once_in_a_fresh_order():
+    m = FakeMachine({"a": 1.0, "b": 2.0, "c": 3.0})
+    settings = RoundSettings(rounds=6, warmup=2, iterations=4, min_duration_s=0.0, seed=3)
+    stats = run_rounds({k: m.run(k) for k in m.costs_ms}, settings, counts={"a": 4, "b": 4, "c": 4}, clock=m.clock)
+    # Each round is a permutation of the engines, and the permutation changes between rounds.
+    orders = [sorted(m.costs_ms, key=lambda k: stats[k]["round_positions"][r]) for r in range(6)]
+    assert all(sorted(stats[k]["round_positions"][r] for k in m.costs_ms) == [0, 1, 2] for r in range(6))
+    assert len({tuple(o) for o in orders}) > 1
+    # Blocks are contiguous: round by round, each engine's warm-up then its timed runs, nothing in between.
+    assert m.log == [k for order in orders for k in order for _ in range(2 + 4)]
+    for k, cost in m.costs_ms.items():
+        assert stats[k]["iterations"] == 6 * 4 and stats[k]["rounds"] == 6
+        assert stats[k]["p50_ms"] == pytest.approx(cost)
+        assert stats[k]["p50_ci_ms"][0] <= cost <= stats[k]["p50_ci_ms"][1]
+        assert m.calls[k] == 6 * (2 + 4)
+
+
+def test_interleaving_spreads_drift_that_sequential_timing_would_pin_on_one_engine():
+    """Two equal engines on a machine that slows down: timed one after the other, the second looks slower;
+    in interleaved rounds both see the same drift on average, so their medians stay close."""
+    costs = {"first": 1.0, "second": 1.0}
+    seq = FakeMachine(costs, drift_ms_per_s=5.0)
+    settings = RoundSettings(rounds=2, warmup=0, iterations=200, min_duration_s=0.0, seed=0)
+    seq_stats = {k: run_rounds({k: seq.run(k)}, settings, counts={k: 200}, clock=seq.clock)[k] for k in costs}
+    inter = FakeMachine(costs, drift_ms_per_s=5.0)
+    settings = RoundSettings(rounds=40, warmup=0, iterations=10, min_duration_s=0.0, seed=0)
+    inter_stats = run_rounds({k: inter.run(k) for k in costs}, settings, counts={"first": 10, "second": 10},
+                             clock=inter.clock)
+    seq_gap = seq_stats["second"]["p50_ms"] / seq_stats["first"]["p50_ms"]
+    inter_gap = inter_stats["second"]["p50_ms"] / inter_stats["first"]["p50_ms"]
+    assert seq_gap > 1.5
+    assert abs(inter_gap - 1.0) < 0.1
+    # The drift shows up as spread between rounds, which widens the interval.
+    assert inter_stats["first"]["round_p50_spread_ms"] > 0.5
+
+
+def test_iterations_fill_the_minimum_duration_within_the_cap():
+    s = RoundSettings(iterations=20, min_duration_s=0.5, max_duration_s=2.0)
+    assert iterations_for(0.001, s) == 500  # 1 ms engine: 0.5 s of samples
+    assert iterations_for(0.2, s) == 20  # slow engine: the minimum count
+    assert iterations_for(10.0, s) == 20  # slower than the cap allows: still the minimum count
+    assert iterations_for(1e-9, RoundSettings(iterations=1, min_duration_s=1.0, max_duration_s=1e-3)) >= 1
+
+
+def test_bootstrap_interval_reflects_between_round_spread():
+    steady = [[1.0, 1.01, 0.99] * 10] * 5
+    lo, hi = bootstrap_median_ci(steady, 0.95, 1000, 0)
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    drifting = [[1.0 + 0.1 * r] * 30 for r in range(5)]
+    lo, hi = bootstrap_median_ci(drifting, 0.95, 1000, 0)
+    assert lo < 1.2 < hi and hi - lo >= 0.2
+    with pytest.raises(ProfileError):
+        bootstrap_median_ci([[1.0, 2.0], [1.0]], 0.95, 100, 0)
+
+
+def test_summary_keeps_the_percentiles_and_the_round_figures():
+    rounds = [[1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]]
+    s = summarize_rounds(rounds, RoundSettings(rounds=2))
+    assert s["p50_ms"] == pytest.approx(3.0) and s["min_ms"] == 1.0 and s["max_ms"] == 5.0
+    assert s["round_p50_ms"] == [2.5, 3.5] and s["round_p50_spread_ms"] == pytest.approx(1.0)
+    assert s["iterations"] == 8 and s["iterations_per_round"] == 4 and s["rounds"] == 2
+
+
+def test_settings_are_checked():
+    with pytest.raises(ProfileError, match="rounds"):
+        RoundSettings(rounds=1).check()
+    with pytest.raises(ProfileError, match="ci_level"):
+        RoundSettings(ci_level=1.0).check()
+    assert RoundSettings().method()["p50_ci"]["method"].startswith("bootstrap over rounds")
+
+
+def row(i, top1, lo, hi, mem=0.0):
+    return {"id": i, "top1": top1, "latency_ci_ms": (lo, hi), "memory_mb": mem}
+
+
+def test_front_drops_only_what_is_beaten_beyond_the_noise():
+    rows = [
+        row("small", 70.0, 0.30, 0.34),  # fastest, least accurate
+        row("stitch", 72.0, 0.33, 0.37),  # overlaps small: tied, both stay
+        row("slow_bad", 71.0, 0.50, 0.55),  # beaten beyond noise by "stitch" (more accurate, faster): dropped
+        row("big", 90.0, 0.60, 0.70),
+        row("big_mem", 90.0, 0.10, 0.20, mem=50.0),  # fastest but bigger: dominates nothing bigger-memory-wise
+    ]
+    out = noise_aware_front(rows)
+    assert out["front"] == ["small", "stitch", "big", "big_mem"]
+    assert out["dominated_by"] == {"slow_bad": "stitch"}
+    assert out["tied"]["small"] == ["stitch"] and out["tied"]["stitch"] == ["small"]
+    # The smallest anchor stays on the front even when a stitch's median is lower, as long as it is within noise.
+    out = noise_aware_front([row("demo_s", 73.0, 0.28, 0.40), row("demo_s:3>demo_m:4", 75.0, 0.30, 0.38)])
+    assert out["front"] == ["demo_s", "demo_s:3>demo_m:4"]
+
+
+def test_front_with_unknown_accuracy_is_a_latency_memory_front():
+    rows = [row("a", None, 1.0, 1.1), row("b", None, 2.0, 2.1), row("c", None, 0.5, 0.6, mem=10.0)]
+    out = noise_aware_front(rows)
+    assert out["front"] == ["a", "c"] and out["dominated_by"] == {"b": "a"}
