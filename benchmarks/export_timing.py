@@ -207,6 +207,12 @@ def main() -> None:
         print(f"  {'total (wall)':22s} {'' if b_wall is None else f'{b_wall:11.2f}':>11s} "
               f"{runs['new']['wall_s']:8.2f}   exporters: {runs.get('baseline', {}).get('exporter', '-')} | "
               f"{runs['new']['exporter']}", flush=True)
+        # The box is shared: a phase's seconds swing with the load, its ratio to the same run's PyTorch reference
+        # pass (one forward over the validation inputs) much less.
+        ratios = {k: round(v["wall_s"] / v["seconds"]["reference"], 2) for k, v in runs.items()
+                  if v["seconds"].get("reference")}
+        row["in_reference_passes"] = ratios
+        print(f"  {'total / reference':22s} {ratios.get('baseline', ''):>11} {ratios.get('new', ''):>8}", flush=True)
 
     total_new = sum(r["new"]["wall_s"] for r in rows)
     total_base = None if args.no_baseline else sum(r["baseline"]["wall_s"] for r in rows)

@@ -334,6 +334,10 @@ def run_family(family: str, cfg: dict, build_root: Path, results_dir: Path, choi
             row["ort_over_eager_p50"] = p50["onnxruntime"] / p50["eager"]
             row["ort_over_eager_p90"] = row["onnxruntime"]["latency"]["p90_ms"] / row["eager"]["latency"]["p90_ms"]
         row["fastest"] = min(p50, key=p50.get)
+        # Faster beyond the noise only when its p50 interval lies wholly below every other runtime's (the rule
+        # `snexport bench` chooses a backend by, pareto.best_backend); otherwise the others are tied with it.
+        ci = {r: row[r]["latency"]["p50_ci_ms"] for r in runtimes}
+        row["tied_with_fastest"] = [r for r in runtimes if r != row["fastest"] and ci[r][0] <= ci[row["fastest"]][1]]
         rows.append(row)
 
     doc = {
@@ -421,7 +425,8 @@ def print_table(doc: dict, console) -> None:
         for key in ("ov_over_ort_p50", "ort_over_eager_p50"):
             if key in r:
                 cells.append(f"[red]{r[key]:.2f}[/]" if r[key] > 1 else f"{r[key]:.2f}")
-        cells.append(short[r["fastest"]])
+        tied = r.get("tied_with_fastest") or []
+        cells.append(short[r["fastest"]] + (f" (≈{','.join(short[k] for k in tied)})" if tied else ""))
         cells += [_ms(r[k]["load"]["cold_load_ms"]) for k in files]
         cells += [_mb(r[k].get("fresh_process_rss_delta_bytes")) for k in files]
         if "eager" in runtimes:

@@ -72,7 +72,8 @@ class AnchorSpec(_Record):
 
 @dataclass(frozen=True)
 class Stitch(_Record):
-    """One configuration of the SN-Net: an anchor on its own, or front[0..cut] -> layer -> back[resume..]."""
+    """One configuration of the SN-Net: an anchor on its own, front[0..cut] -> layer -> back[resume..], or a
+    route of several hops joined by stitching layers (``hops``/``layers``)."""
 
     id: str  # stable and readable: "deit_s:3>deit_b:4", or the anchor name for an anchor
     front: str  # anchor name
@@ -86,10 +87,45 @@ class Stitch(_Record):
     # Stage the stitch cuts (0 for a plain ViT), None for an anchor. cut/resume are flat unit indices over all
     # stages (AnchorSpec.unit_stage says which stage a unit belongs to); both lie in this stage.
     stage: Optional[int] = None
+    # The whole route as hops (anchor, first unit, last unit), joined by stitching layers: layers[i] (index within
+    # the (hops[i] anchor, hops[i+1] anchor) pair) sits between hop i and hop i+1. Plans since SN-Netv2 support
+    # fill both for every stitch; () in older plans, where the route is front[0..cut] -> layer -> back[resume..].
+    # A route of three or more hops (SN-Netv2 round trips, v1 Ti→S→B) keeps front/cut (its first hop) and
+    # back/resume (its last hop), and layer = layers[0]; the hops are what runs.
+    hops: tuple = ()
+    layers: tuple = ()
+    # Both parameter conventions (``params`` holds the one the plan's settings name): every parameter the
+    # exported module holds ("module"), and the official SN-Net count ("paper": the front's patch embedding
+    # without cls/position tokens, the back's final norm counted even where the route skips it). None: not
+    # recorded (older plans; families without a published convention).
+    params_module: Optional[int] = None
+    params_paper: Optional[int] = None
 
     @property
     def is_anchor(self) -> bool:
         return self.cut is None
+
+    @property
+    def route(self) -> tuple:
+        """((anchor, first unit, last unit), ...) of the path; for a plan without hops, from front/cut/back/resume
+        (the back's last unit is unknown to a Stitch there: None, meaning "to the end")."""
+        if self.hops:
+            return tuple((str(a), int(f), int(l)) for a, f, l in self.hops)
+        if self.is_anchor:
+            return ((self.front, 0, None),)
+        return ((self.front, 0, self.cut), (self.back, self.resume, None))
+
+    @property
+    def junction_layers(self) -> tuple:
+        """Stitching-layer index per junction (one per hop boundary)."""
+        if self.layers:
+            return tuple(int(x) for x in self.layers)
+        return () if self.is_anchor else (self.layer,)
+
+    @property
+    def is_multi_hop(self) -> bool:
+        """Three or more hops: a round trip (SN-Netv2) or a three-anchor route (SN-Net v1 without nearest)."""
+        return len(self.hops) > 2
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,10 @@ def test_plan_json_counts():
     assert len(doc["anchors"]) + len(doc["stitches"]) == 71 and doc["num_layers"] == 22
     assert [a["gflops"] for a in doc["anchors"]] == [1.258, 4.608, 17.583]
     s = doc["stitches"][0]
-    assert set(s) == {"id", "front", "back", "stage", "cut", "resume", "layer", "blocks", "gflops", "params"}
+    # The issue-2 shape, plus the route as hops and both params conventions (SN-Netv2 routes).
+    assert set(s) == {"id", "front", "back", "stage", "cut", "resume", "layer", "blocks", "gflops", "params",
+                      "route", "layers", "params_module", "params_paper"}
+    assert s["layers"] == [s["layer"]] and len(s["route"]) == 2
     assert s["stage"] == 0  # a plain ViT has one stage
     assert s["id"] == f"{s['front']}:{s['cut']}>{s['back']}:{s['resume']}"
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 
@@ -233,7 +234,8 @@ def test_bench_measures_each_engine_on_both_and_the_selector_opens_the_chosen(ex
     from snexport.buildfiles import read_jsonl
     from snexport.device.manifest import read_manifest
     from snexport.device.pareto import best_backend, memory_for_pareto
-    from snexport.device.selector import Selector
+    from snexport.device.runtime.backends import BACKENDS
+    from snexport.device.selector import Selector, SelectorWarning
 
     build = _copy(exported, tmp_path)
     done = _cli("bench", str(build.root), "--target", exported["profile"], "--backends", "ort,ov", "--quick", "--json")
@@ -271,6 +273,40 @@ def test_bench_measures_each_engine_on_both_and_the_selector_opens_the_chosen(ex
             assert np.isfinite(sel.run(x)).all()
 
 
+    # The same manifest on a machine where one of the runtimes is missing: each engine measured fastest on it runs
+    # on the other measured runtime, from that runtime's own (verified) file and with its own numbers.
+    for missing, other in (("onnxruntime", "openvino"), ("openvino", "onnxruntime")):
+        with pytest.MonkeyPatch.context() as mp:
+            _hide_package(mp, missing)
+            moved = [e for e in manifest["engines"] if e["measurements"][key]["backend"] == missing]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sel = Selector(build.manifest_path, mode="preload")
+            said = [str(w.message) for w in caught if issubclass(w.category, SelectorWarning)]
+            with sel:
+                if moved:
+                    assert any("is not installed" in m and f"run on {BACKENDS[other].label}" in m for m in said), said
+                    # The recorded front was taken on the other runtime's numbers: every engine is a candidate.
+                    assert sorted(i.id for i in sel.engines) == sorted(e["stitch_id"] for e in manifest["engines"])
+                else:
+                    assert not said
+                for e in moved:
+                    info, figures = sel.info(e["stitch_id"]), e["measurements"][key]["by_backend"][other]
+                    assert info.backend == other and info.file == build.root / figures["file"]
+                    assert info.latency_ms == figures["latency_ms"]["p90"] and info.memory_mb == figures["memory_mb"]
+                    sel.switch(info.id)
+                    assert sel._slots[info.id].runner.backend == other
+                    assert np.isfinite(sel.run(np.zeros(info.input_shape, np.float32))).all()
+
+
+def _hide_package(mp, name):
+    """This machine as one without ``name`` installed: what ``runtime_available`` looks for is not found."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    mp.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n.split(".")[0] == name else real(n, *a, **k))
+
+
 def manifest_backend(manifest, key, stitch_id):
     return next(e["measurements"][key]["backend"] for e in manifest["engines"] if e["stitch_id"] == stitch_id)
 
@@ -304,6 +340,16 @@ def test_openvino_alone_and_its_memory_cost(exported, tmp_path):
             sel.switch(info.id)
             with open_runner(build.root / info.file, backend="onnxruntime", threads=1) as ort:
                 assert np.allclose(sel.run(x), ort.run(x), rtol=1e-4, atol=1e-4)
+    # Measured on OpenVINO alone, on a machine without it: nothing else was measured, so nothing is run on figures
+    # that belong to another runtime; one line says what to do.
+    with pytest.MonkeyPatch.context() as mp:
+        _hide_package(mp, "openvino")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(BackendUnavailableError, match=r"can run here: OpenVINO is not installed "
+                               r".*snexport\[openvino\].*snexport bench"):
+                Selector(build.manifest_path, mode="preload")
+        assert any("had no other runtime measured and are left out" in str(w.message) for w in caught)
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from snexport.cli.common import ANCHORS_HELP, interruptible, out
-from snexport.cli.cmd_stitch import WEIGHTS_HELP
+from snexport.cli.cmd_stitch import (WEIGHTS_HELP, FinalNormOption, LoraRankOption, ParamsOption, TwoWayOption,
+                                     plan_settings)
 
 
 @interruptible(lambda out_dir, **_: f"finished stages are kept in {out_dir}; re-run the same `snexport build` "
@@ -30,6 +31,11 @@ def build_cmd(
                                                      "(fp32, fp16, int8). int8 (ONNX Runtime targets): a static "
                                                      "int8 engine per stitch beside the FP32 one, with its own "
                                                      "measured top-1 and latency. Default: the target's.")] = None,
+    nearest: Annotated[bool, typer.Option("--nearest/--no-nearest", help="Only stitch adjacent anchors.")] = True,
+    two_way: TwoWayOption = False,
+    lora_rank: LoraRankOption = 0,
+    final_norm: FinalNormOption = True,
+    params: ParamsOption = "module",
 ):
     """Run every stage in order, skipping those whose inputs are unchanged; end with the selector switching."""
     from snexport.families.registry import parse_weights_option, split_anchor_names
@@ -40,7 +46,9 @@ def build_cmd(
 
     opts = BuildOptions(out=out_dir, anchors=split_anchor_names(anchors), target=target or default_target(),
                         weights=parse_weights_option(weights), random_init=random_init, data=data, epochs=epochs,
-                        stitches=stitches, precisions=parse_precisions(precision) if precision else None)
+                        stitches=stitches, precisions=parse_precisions(precision) if precision else None,
+                        settings=plan_settings(nearest=nearest, two_way=two_way, lora_rank=lora_rank,
+                                               final_norm=final_norm, params=params))
     result = run_build(opts, say=out.print)
     build = result["build"]
     report = write_report(build, result["manifest"], result.get("device_key"))

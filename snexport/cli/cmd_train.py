@@ -18,7 +18,11 @@ def train_cmd(
     anchor_lr_scale: Annotated[float, typer.Option(help="Anchors' learning rate as a fraction of --lr.")] = 0.1,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up before the cosine decay.")] = 0.5,
-    sampling: Annotated[str, typer.Option(help="'uniform' (SN-Net) or 'flops' (SN-Netv2 FLOPs-grouped).")] = "uniform",
+    sampling: Annotated[str, typer.Option(help="'uniform' (SN-Net), 'flops' (SN-Netv2 FLOPs-grouped) or 'auto': "
+                                          "'flops' for two-way (SN-Netv2) plans, else 'uniform'.")] = "auto",
+    flops_sampling_k: Annotated[Optional[float], typer.Option(help="SN-Netv2 flops_sampling_k: group i (ascending "
+                                                              "FLOPs) drawn with weight i/k + 1/G; default uniform "
+                                                              "over groups.")] = None,
     distill: Annotated[str, typer.Option(help="Hard distillation teacher: 'largest' anchor, or an anchor name; "
                                          "empty for none.")] = "",
     data: Annotated[Optional[str], typer.Option(help="ImageFolder root; default: the build's data.")] = None,
@@ -38,7 +42,7 @@ def train_cmd(
     build = BuildDir(build_dir).require()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, anchor_lr_scale=anchor_lr_scale,
                              weight_decay=weight_decay, warmup_epochs=warmup_epochs, sampling=sampling,
-                             distill=distill, seed=seed, data=data or "")
+                             flops_sampling_k=flops_sampling_k, distill=distill, seed=seed, data=data or "")
     with on_interrupt(_interrupted(build, restart)):
         summary = train_build(build, settings, resume=resume, restart=restart, log=out.print)
     if summary["history"]:

@@ -405,18 +405,27 @@ def check_backends(build, profile, keyed: dict, factories: dict, show_progress: 
 
 def backend_figures(engine: str, keyed: dict, stats: dict, refusals: dict, checks: dict, per_backend: dict) -> dict:
     """The manifest's ``by_backend`` of one engine: each backend's p50, interval, memory and file, or why it was
-    not measured — the side-by-side that the choice of backend was made on."""
-    from snexport.device.manifest import engine_memory_mb
+    not measured — the side-by-side that the choice of backend was made on.
+
+    Each measured backend also carries its percentiles, cold load, energy and its file's hashes: a device where the
+    chosen runtime is not installed (a copy of this build on a twin machine without OpenVINO) can then run the
+    engine on another measured runtime, with that runtime's own numbers and its own verified file (the selector's
+    fallback), instead of on figures that belong to another runtime."""
+    from snexport.device.manifest import BY_BACKEND_FILE_FIELDS, artifact_fields, engine_memory_mb
 
     out = {}
     for k, (e, b, a) in keyed.items():
         if e != engine:
             continue
         lat = stats[k]["latency"]
+        m = measurement_for_manifest(stats[k], None)
+        fields = artifact_fields(a)
         out[b] = {"latency_p50_ms": round(float(lat["p50_ms"]), 6),
                   "p50_ci_ms": [round(float(v), 6) for v in lat["p50_ci_ms"]],
-                  "memory_mb": round(engine_memory_mb(measurement_for_manifest(stats[k], None)), 3),
-                  "file": a.file}
+                  "memory_mb": round(engine_memory_mb(m), 3),
+                  "latency_ms": m["latency_ms"], "load_cold_ms": m["load_ms"]["cold"],
+                  "energy_mj": (m.get("energy") or {}).get("mj_per_inference"),
+                  **{f: fields[f] for f in BY_BACKEND_FILE_FIELDS}}
         if k in checks:
             out[b]["cosine_vs_reference"] = round(float(checks[k]["cosine"]), 8)
     for b, a in per_backend.items():

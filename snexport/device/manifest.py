@@ -537,6 +537,12 @@ def artifact_fields(art) -> dict:
     }
 
 
+# The fields of each runtime's own file that a measurement's ``by_backend`` records (with ``file``): a device
+# without the chosen runtime verifies and opens that file to run the engine on another measured runtime.
+BY_BACKEND_FILE_FIELDS = ("file", "sha256", "size_bytes", "weights_file", "weights_sha256", "weights_size_bytes",
+                          "weights_used_bytes")
+
+
 def engine_entry(static: Mapping[str, Any], art) -> dict:
     """A manifest entry, not yet measured: the host's facts of the stitch + the engine file's fields."""
     return {**{k: copy.deepcopy(static[k]) for k in STATIC_ENGINE_FIELDS}, **artifact_fields(art), "measurements": {}}

@@ -30,10 +30,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-from snexport.errors import (BudgetError, BuildDirError, ManifestError, SettingsError, SnexportError,
-                             UnknownStitchError)
+from snexport.errors import (BackendUnavailableError, BudgetError, BuildDirError, ManifestError, SettingsError,
+                             SnexportError, UnknownStitchError)
 from snexport.hashing import PathLike, sha256_file
-from snexport.device.manifest import MANIFEST_NAME, engine_ids, engine_memory_mb, latest_device, read_manifest
+from snexport.device.manifest import (BY_BACKEND_FILE_FIELDS, MANIFEST_NAME, _relpath_problem, engine_ids,
+                                      engine_memory_mb, latest_device, read_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ class Selector:
 
         self._entries: dict[str, dict] = {}
         self._infos: dict[str, EngineInfo] = {}
+        self._available: dict[str, tuple[bool, str]] = {}  # backend -> runtime_available(backend), asked once
+        self._custom_factory = runner_factory is not None
         self._index_engines()
         self._hash_cache: dict[Path, str] = {}
         self._verified: set[str] = set()
@@ -288,6 +291,74 @@ class Selector:
         suffix = Path(entry["file"]).suffix.lower()
         return backend if backend in BACKENDS and suffix in BACKENDS[backend].suffixes else None
 
+    def _runnable_here(self, engine_id: str, entry: dict, m: Mapping[str, Any]) -> tuple[dict, Mapping[str, Any]]:
+        """The engine as this machine can run it: as measured when its runtime is installed here; else re-pointed at
+        the best other runtime measured for it (``by_backend``: that runtime's own file, verified like any engine
+        file, and its own numbers: the figures of one runtime never stand for another); else as measured, listed
+        in ``_unrunnable`` with the reason (it stays out of the pool)."""
+        from snexport.device.pareto import best_backend, memory_for_pareto
+        from snexport.device.runtime.backends import BACKENDS
+
+        backend = self._engine_backend(entry)
+        # None: the file's suffix decides; unknown: open_runner refuses, naming it. A caller's own runner factory
+        # opens engines its own way: which runtimes are installed is then its business.
+        if backend not in BACKENDS or self._custom_factory:
+            return entry, m
+        ok, why = self._backend_available(backend)
+        if ok:
+            return entry, m
+        measured = m.get("by_backend")
+        usable = {b: f for b, f in (measured.items() if isinstance(measured, Mapping) else ())
+                  if b != backend and b in BACKENDS and self._usable_figures(f) and self._backend_available(b)[0]}
+        if not usable:
+            self._unrunnable[engine_id] = why
+            return entry, m
+        settings = self.manifest["devices"][self.device]["settings"]
+        order = [b for b in (settings.get("backends") or ()) if isinstance(b, str)]
+        pick = best_backend({b: {"latency_p50_ms": f["latency_p50_ms"], "latency_ci_ms": f["p50_ci_ms"],
+                                 "memory_mb": memory_for_pareto(f["memory_mb"])} for b, f in usable.items()}, order)
+        f = usable[pick]
+        view = {k: v for k, v in m.items() if k not in ("latency_noise", "tied_with", "by_backend")}
+        view.update(backend=pick, latency_ms=dict(f["latency_ms"]),
+                    runner=(settings.get("runners") or {}).get(pick) or {},
+                    memory=dict(m["memory"], rss_load_delta_mb=float(f["memory_mb"]), device_delta_mb=None),
+                    # Cold load as that runtime measured it; its warm switch was not measured (bench times switches
+                    # among the chosen runtimes only).
+                    load_ms=dict(m["load_ms"], cold=f.get("load_cold_ms"), switch_p50=None, switch_p99=None))
+        if m.get("energy"):
+            view["energy"] = dict(m["energy"], mj_per_inference=f.get("energy_mj"))
+        self._fallbacks[engine_id] = (backend, pick)
+        entry = dict(entry, **{k: f.get(k) for k in BY_BACKEND_FILE_FIELDS},
+                     measurements=dict(entry["measurements"], **{self.device: view}))
+        return entry, view
+
+    def _backend_available(self, backend: str) -> tuple[bool, str]:
+        from snexport.device.runtime.backends import runtime_available
+
+        if backend not in self._available:
+            self._available[backend] = runtime_available(backend)
+        return self._available[backend]
+
+    def _usable_figures(self, figures: Any) -> bool:
+        """A ``by_backend`` entry holds what running the engine on that runtime needs (bench writes these since
+        the selector's fallback exists; older or hand-made ones are not used). The manifest is untrusted input:
+        types and paths are checked here, the file's bytes against ``sha256`` when it is opened."""
+        if not isinstance(figures, Mapping) or "refused" in figures:
+            return False
+        latency, ci = figures.get("latency_ms"), figures.get("p50_ci_ms")
+        files_ok = all(isinstance(figures.get(k), str) and figures[k] and not _relpath_problem(figures[k])
+                       for k in ("file", "sha256")) and (
+            figures.get("weights_file") is None or (isinstance(figures["weights_file"], str)
+                                                    and isinstance(figures.get("weights_sha256"), str)
+                                                    and not _relpath_problem(figures["weights_file"])))
+        numbers_ok = (isinstance(latency, Mapping) and all(_is_number(latency.get(p)) for p in ("p50", self.percentile))
+                      and isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))
+                      and all(_is_number(figures.get(k)) for k in ("latency_p50_ms", "memory_mb"))
+                      and all(figures.get(k) is None or _is_number(figures[k])
+                              for k in ("load_cold_ms", "energy_mj", "size_bytes", "weights_size_bytes",
+                                        "weights_used_bytes")))
+        return files_ok and numbers_ok
+
     def _resolve_device(self, device: Optional[str]) -> str:
         devices = self.manifest["devices"]
         if device is None:
@@ -310,9 +381,14 @@ class Selector:
 
     def _index_engines(self) -> None:
         entries = self.manifest["engines"]
+        # Engines whose measured runtime is missing here: run on another measured one, or left out (and why).
+        self._fallbacks: dict[str, tuple[str, str]] = {}  # engine id -> (measured backend, backend used here)
+        self._unrunnable: dict[str, str] = {}  # engine id -> why it cannot run on this machine
         for entry, engine_id in zip(entries, engine_ids(entries)):
             sid = entry["stitch_id"]
             m = entry["measurements"].get(self.device)
+            if m:
+                entry, m = self._runnable_here(engine_id, entry, m)
             self._entries[engine_id] = entry
             self._infos[engine_id] = EngineInfo(
                 id=engine_id,
@@ -341,8 +417,18 @@ class Selector:
                 f"no engine in {self.manifest_path} is profiled on device '{self.device}', so none can be chosen "
                 "by latency; run `snexport bench` on this device"
             )
+        self._explain_fallbacks(candidates)
         if candidates is None:
-            wanted = [i for i in profiled if self._infos[i].pareto] or profiled
+            runnable = [i for i in profiled if i not in self._unrunnable]
+            if not runnable:
+                raise BackendUnavailableError(
+                    f"no engine profiled on device '{self.device}' can run here: "
+                    f"{next(iter(self._unrunnable.values()))}, and no other runtime was measured for them; install "
+                    "it, or run `snexport bench` on this device to measure the runtimes it has")
+            # The recorded front was taken on the measured runtimes' numbers; once some engines run on another
+            # runtime it no longer holds, so every runnable engine competes on the numbers it runs with here.
+            front = [] if self._fallbacks else [i for i in runnable if self._infos[i].pareto]
+            wanted = front or runnable
         else:
             if isinstance(candidates, (str, EngineInfo)):
                 raise SettingsError(f"candidates must be a list of engine ids, got {candidates!r}; pass [{candidates!r}]")
@@ -356,6 +442,11 @@ class Selector:
                     f"candidates {', '.join(unprofiled)} are not profiled on device '{self.device}'; "
                     "run `snexport bench` on this device or leave them out"
                 )
+            stuck = [i for i in wanted if i in self._unrunnable]
+            if stuck:
+                raise BackendUnavailableError(
+                    f"candidate {stuck[0]} cannot run here: {self._unrunnable[stuck[0]]}, and no other runtime was "
+                    "measured for it; install it, leave it out, or run `snexport bench` on this device")
         pool, problems = [], []
         for engine_id in wanted:
             problem = self._file_problem(engine_id)
@@ -373,6 +464,28 @@ class Selector:
                 "`snexport build` or copy the build directory to the device again"
             )
         return pool
+
+    def _explain_fallbacks(self, candidates: Optional[Iterable[str]]) -> None:
+        """One warning per missing runtime: which engines now run on which other measured runtime, which are left
+        out, and what restores the measured choice."""
+        from snexport.device.runtime.backends import BACKENDS
+
+        missing: dict[str, dict[str, list]] = {}
+        for engine_id, (measured, used) in self._fallbacks.items():
+            missing.setdefault(measured, {}).setdefault(used, []).append(engine_id)
+        for engine_id in self._unrunnable:
+            backend = self._engine_backend(self._entries[engine_id])
+            missing.setdefault(backend, {}).setdefault("", []).append(engine_id)
+        for measured, by_used in missing.items():
+            parts = [f"{_ids(ids)} run on {BACKENDS[used].label} with the figures and file measured for it"
+                     for used, ids in by_used.items() if used]
+            if by_used.get(""):
+                parts.append(f"{_ids(by_used[''])} had no other runtime measured and are left out")
+            front = "; the recorded front does not hold, so every runnable engine is a candidate" \
+                if self._fallbacks and candidates is None else ""
+            _warn(f"{self._backend_available(measured)[1]}, the runtime chosen for these engines on device "
+                  f"'{self.device}': {'; '.join(parts)}{front}. Install it to run the measured choice, or re-run "
+                  "`snexport bench` on this device")
 
     def _file_problem(self, engine_id: str) -> str:
         """Why an engine's files cannot be trusted, or '' when they match the manifest."""
@@ -816,6 +929,11 @@ def _is_number(value: Any) -> bool:
         return math.isfinite(float(value))
     except OverflowError:
         return False
+
+
+def _ids(ids: list) -> str:
+    """A short list of engine ids for a one-line message."""
+    return ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
 
 
 def _energy_mj(measurement: Optional[Mapping[str, Any]]) -> Optional[float]:

@@ -178,10 +178,13 @@ def stitch_facts(stitch, ev, runtime: str = "") -> dict:
     source = {"dataset": ev.dataset, "samples": ev.samples} if known else "unknown"
     if known and runtime:
         source["runtime"] = runtime
+    route = {"front": stitch.front, "back": stitch.back, "cut": stitch.cut, "resume": stitch.resume,
+             "layer": stitch.layer, "blocks": stitch.blocks}
+    if stitch.is_multi_hop:  # SN-Netv2 round trips, v1 three-anchor routes: every hop and junction layer
+        route.update(hops=[list(h) for h in stitch.route], layers=list(stitch.junction_layers))
     return {
         "stitch_id": stitch.id,
-        "route": {"front": stitch.front, "back": stitch.back, "cut": stitch.cut, "resume": stitch.resume,
-                  "layer": stitch.layer, "blocks": stitch.blocks},
+        "route": route,
         "accuracy": {"top1": ev.top1, "source": source} if known else {"top1": None, "source": "unknown"},
         "gflops": stitch.gflops,
         "params": stitch.params,

@@ -149,14 +149,16 @@ def stitch_layer_weights(model) -> list[str]:
 def _in_stitch_scope(node) -> bool:
     import ast
 
-    if node.name.startswith(f"/{STITCH_SCOPE}/"):
+    # The top-level module's name: "stitch" today; "stitches.0" etc. would match too (a route of several hops).
+    parts = node.name.split("/")
+    if len(parts) > 2 and parts[0] == "" and parts[1].startswith(STITCH_SCOPE):
         return True
     scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
     try:
         parsed = ast.literal_eval(scopes) if scopes else []
     except (ValueError, SyntaxError):
         return False
-    return isinstance(parsed, list) and len(parsed) > 1 and parsed[1] == STITCH_SCOPE
+    return isinstance(parsed, list) and len(parsed) > 1 and str(parsed[1]).startswith(STITCH_SCOPE)
 
 
 def _float_weights(model) -> set[str]:

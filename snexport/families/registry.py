@@ -9,6 +9,9 @@ torch and timm are imported inside functions so that ``snexport --help`` and pla
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import json
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -116,9 +119,54 @@ def describe_model(name: str, timm_name: str, create_kwargs: dict) -> AnchorSpec
     return claim(model, name).describe(name, timm_name, create_kwargs, model)
 
 
-def describe_anchor(name: str) -> AnchorSpec:
-    """Architecture facts of one anchor, from a weightless (meta-device) build."""
-    return _describe_cached(name)
+def describe_anchor(name: str, recorded: bool = True) -> AnchorSpec:
+    """Architecture facts of one anchor: recorded ones for a known name (``known.json``: no torch or timm import,
+    so ``snexport plan`` answers at once), else from a weightless (meta-device) build. ``recorded=False`` always
+    builds (what the records are made from and tested against)."""
+    spec = recorded_spec(name) if recorded else None
+    return spec if spec is not None else _describe_cached(name)
+
+
+# ---------------------------------------------------------------- recorded architecture facts of known names
+# ``python -m snexport.families.record`` writes them from the meta-device path; tests/test_plan_fast.py checks
+# that every record equals a fresh meta-device description. Records made for another AnchorSpec (a field added
+# or removed since) are ignored as a whole: the meta device answers until they are regenerated.
+KNOWN_FILE = Path(__file__).with_name("known.json")
+
+
+def spec_to_record(spec: AnchorSpec) -> dict:
+    """An AnchorSpec as JSON types; ``create_kwargs`` as a Python literal, since its tuples must stay tuples."""
+    return dict(spec.to_dict(), create_kwargs=repr(spec.create_kwargs))
+
+
+def spec_from_record(record: dict) -> AnchorSpec:
+    return AnchorSpec.from_dict(dict(record, create_kwargs=ast.literal_eval(record["create_kwargs"])))
+
+
+def record_fields() -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(AnchorSpec))
+
+
+@lru_cache(maxsize=1)
+def _records() -> dict[str, dict]:
+    try:
+        data = json.loads(KNOWN_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no records (or a damaged file): every name goes through the meta device
+    if not isinstance(data, dict) or data.get("fields") != record_fields() or not isinstance(data.get("specs"), dict):
+        return {}
+    return data["specs"]
+
+
+def recorded_names() -> list[str]:
+    return sorted(_records())
+
+
+@lru_cache(maxsize=128)
+def recorded_spec(name: str) -> Optional[AnchorSpec]:
+    """The recorded facts of ``name`` (alias, timm name or demo name), None when it has none."""
+    record = _records().get(name)
+    return spec_from_record(record) if record is not None else None
 
 
 def describe_anchors(names: list[str]) -> list[AnchorSpec]:

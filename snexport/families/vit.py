@@ -159,8 +159,9 @@ def units(model: Any) -> list:
     return list(model.blocks)
 
 
-def head(model: Any):
-    return _modules().ViTHead(model)
+def head(model: Any, final_norm: bool = True):
+    """Final norm (unless ``final_norm`` is off: SN-Net v1 DeiT stitched routes), pooling, classifier."""
+    return _modules().ViTHead(model, final_norm=final_norm)
 
 
 def _modules():

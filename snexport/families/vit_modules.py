@@ -36,11 +36,15 @@ class ViTEmbedding(nn.Module):
 
 
 class ViTHead(nn.Module):
-    """Final norm, pooling (cls token or mean of patch tokens), fc_norm and classifier."""
+    """Final norm, pooling (cls token or mean of patch tokens), fc_norm and classifier.
 
-    def __init__(self, vit):
+    ``final_norm=False`` leaves the final norm out: how SN-Net v1's DeiT code ends a stitched route (its
+    ``forward_head`` pools and classifies without ``norm``), needed to reproduce its checkpoints.
+    """
+
+    def __init__(self, vit, final_norm: bool = True):
         super().__init__()
-        self.norm = vit.norm
+        self.norm = vit.norm if final_norm else nn.Identity()
         self.fc_norm = vit.fc_norm
         self.head_drop = vit.head_drop
         self.head = vit.head

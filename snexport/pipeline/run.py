@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 # Joint fine-tuning of the demo family, measured on the digits val set (anchors ~72/80/91%): right after LS init
 # 29 of 32 stitches sit below the smallest anchor; after 30 epochs at lr 2e-3 (14 s on 2 idle cores) only 4 do,
@@ -36,6 +36,7 @@ class BuildOptions:
     fp16: Optional[bool] = None  # None: as the target profile says
     precisions: Optional[tuple] = None  # of the exported files, e.g. ("fp32", "int8"); None: the profile's precision
     pack: Optional[bool] = None  # None: a shared-weight pack for ONNX Runtime targets
+    settings: Any = None  # PlanSettings (SN-Netv2 two-way, LoRA rank, conventions); None: the defaults
 
 
 def run_build(opts: BuildOptions, say: Callable[[str], None] = print, show_progress: bool = True) -> dict:
@@ -56,7 +57,10 @@ def run_build(opts: BuildOptions, say: Callable[[str], None] = print, show_progr
 
         raise SettingsError(f"int8 engines are made for ONNX Runtime targets; {profile.name} runs {profile.backend}. "
                             "Drop int8 from --precision or pick an ONNX Runtime target (e.g. --target x86-cpu)")
-    build, info = stitch_stage(opts.out, opts.anchors, opts.weights, opts.random_init, calib_images=opts.calib_images,
+    from snexport.stitching.plan import PlanSettings
+
+    build, info = stitch_stage(opts.out, opts.anchors, opts.weights, opts.random_init,
+                               settings=opts.settings or PlanSettings(), calib_images=opts.calib_images,
                                data=opts.data, show_progress=show_progress)
     build.update_info(target=opts.target)  # as given (a profile name or a TOML path), so later stages load it
     ls = info["ls_init"]

@@ -15,23 +15,31 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from snexport.stitching.layers import assign_mean_solution, least_squares_solution, make_stitching_layer, pinv_with_bias
+from snexport.stitching.layers import (LeastSquaresFit, assign_mean_solution, feature_rows, make_stitching_layer,
+                                       merge_low_rank)
 from snexport.families.registry import family_of
 from snexport.stitching.plan import StitchPlan
 
 
 class StitchedNet(nn.Module):
-    """One configuration as a plain module: stem → front units → stitching layer → back units → head.
+    """One configuration as a plain module: stem → front units → stitching layer → [middle] → back units → head.
 
-    An anchor is the degenerate case with no stitching layer and no back blocks.
+    An anchor is the degenerate case with no stitching layer and no back blocks. A route of several hops (an
+    SN-Netv2 round trip, a v1 Ti→S→B route) runs each inner hop's units (``middle[i]``) and then the next
+    stitching layer (``stitches[i]``); both are empty for a one-layer stitch. Every stitching layer sits under a
+    module name starting with "stitch", which is how the int8 export finds and keeps them in float.
     """
 
     def __init__(self, embed: nn.Module, front_blocks: Iterable[nn.Module], stitch: Optional[nn.Module],
-                 back_blocks: Iterable[nn.Module], head: nn.Module, stitch_id: str = ""):
+                 back_blocks: Iterable[nn.Module], head: nn.Module, stitch_id: str = "",
+                 middle: Iterable[tuple[Iterable[nn.Module], nn.Module]] = ()):
         super().__init__()
         self.embed = embed
         self.front_blocks = nn.Sequential(*front_blocks)
         self.stitch = stitch if stitch is not None else nn.Identity()
+        middle = list(middle)
+        self.middle = nn.ModuleList(nn.Sequential(*units) for units, _ in middle)
+        self.stitches = nn.ModuleList(layer for _, layer in middle)
         self.back_blocks = nn.Sequential(*back_blocks)
         self.head = head
         self.stitch_id = stitch_id
@@ -40,6 +48,8 @@ class StitchedNet(nn.Module):
         x = self.embed(x)
         x = self.front_blocks(x)
         x = self.stitch(x)
+        for units, layer in zip(self.middle, self.stitches):
+            x = layer(units(x))
         x = self.back_blocks(x)
         return self.head(x)
 
@@ -68,14 +78,15 @@ class SNNet(nn.Module):
         self.anchors = nn.ModuleList(anchors)
         self._index = {a.name: i for i, a in enumerate(plan.anchors)}
         self.stitch_layers = nn.ModuleDict()
-        stage_of = {(s.front, s.back, s.layer): layer_stage(plan, s) for s in plan.stitch_only}
+        stage_of = {(j.front, j.back, j.layer): j.stage for j in plan.ls_targets()}
         for front, back, layer in plan.layer_keys:
             fa, ba = plan.anchor(front), plan.anchor(back)
             st = stage_of[(front, back, layer)]
             # Width and layout are those of the stage the layer sits in (Swin-T→S stage 2: 384→384 on (B,H,W,C);
-            # ResNet-18→50 layer2: Conv2d 128→512 on NCHW).
+            # ResNet-18→50 layer2: Conv2d 128→512 on NCHW). lora_rank > 0: SN-Netv2's low-rank variant.
             self.stitch_layers[self._key(front, back, layer)] = make_stitching_layer(
-                fa.stage_widths[st], ba.stage_widths[st], fa.stage_layout[st], ba.stage_layout[st])
+                fa.stage_widths[st], ba.stage_widths[st], fa.stage_layout[st], ba.stage_layout[st],
+                lora_rank=plan.settings.lora_rank)
         self._rebuild_routes()
 
     def _rebuild_routes(self) -> None:
@@ -114,20 +125,25 @@ class SNNet(nn.Module):
 
     def _route(self, stitch_id: str) -> StitchedNet:
         s = self.plan.get(stitch_id)
-        fspec, bspec = self.plan.anchor(s.front), self.plan.anchor(s.back)
-        front = self.anchors[self._index[s.front]]
-        back = self.anchors[self._index[s.back]]
-        ffam, bfam = family_of(fspec), family_of(bspec)
         if s.is_anchor:
-            return StitchedNet(ffam.stem(front), ffam.units(front), None, [], ffam.head(front), s.id)
-        return StitchedNet(
-            ffam.stem(front),
-            ffam.units(front)[: s.cut + 1],
-            self.stitch_layers[self._key(s.front, s.back, s.layer)],
-            bfam.units(back)[s.resume:],
-            bfam.head(back),
-            s.id,
-        )
+            model, fam = self.anchors[self._index[s.front]], family_of(self.plan.anchor(s.front))
+            return StitchedNet(fam.stem(model), fam.units(model), None, [], fam.head(model), s.id)
+        hops = s.route
+        pieces = []  # per hop: its units; between hops: the stitching layer
+        for i, (name, first, last) in enumerate(hops):
+            model = self.anchors[self._index[name]]
+            units = family_of(self.plan.anchor(name)).units(model)
+            pieces.append(units[first:] if last is None else units[first:last + 1])
+        layers = [self.stitch_layers[self._key(j.front, j.back, j.layer)] for j in self.plan.junctions(s)]
+        middle = list(zip(pieces[1:-1], layers[1:]))  # inner hop's units, then the layer leaving it
+        first_name, last_name = hops[0][0], hops[-1][0]
+        first_model, last_model = self.anchors[self._index[first_name]], self.anchors[self._index[last_name]]
+        last_family = family_of(self.plan.anchor(last_name))
+        # SN-Net v1 DeiT ends stitched routes without the final norm (plan setting final_norm = False).
+        head = (last_family.head(last_model) if self.plan.settings.final_norm
+                else last_family.head(last_model, final_norm=False))
+        return StitchedNet(family_of(self.plan.anchor(first_name)).stem(first_model), pieces[0], layers[0],
+                           pieces[-1], head, s.id, middle=middle)
 
     @property
     def config_ids(self) -> list[str]:
@@ -139,10 +155,14 @@ class SNNet(nn.Module):
         return self._routes[stitch_id](x)
 
     def materialize(self, stitch_id: str) -> StitchedNet:
-        """A standalone copy of one configuration, in eval mode, sharing nothing with the SN-Net."""
+        """A standalone copy of one configuration, in eval mode, sharing nothing with the SN-Net.
+
+        Low-rank (SN-Netv2 LoRA) stitching layers come out merged into plain ones (W_LS + update): an exported
+        stitch has the ops and parameters of a plain stitch.
+        """
         if stitch_id not in self._routes:
             self.plan.get(stitch_id)
-        return copy.deepcopy(self._routes[stitch_id]).eval()
+        return merge_low_rank(copy.deepcopy(self._routes[stitch_id])).eval()
 
     # ----------------------------------------------------------------------------- least-squares init
 
@@ -152,57 +172,119 @@ class SNNet(nn.Module):
         """Least-squares init of every stitching layer from calibration images (spec: ~100 images).
 
         X = front output of unit j, Y = back output of unit k-1 (k = 0: the back anchor's embedding output),
-        flattened over images and tokens or pixels (channels last). Anchors run in eval mode. Only the features
-        some stitch uses are kept (100 Swin-B images hold GBs of features otherwise). Returns timing facts.
+        flattened over images and tokens or pixels (channels last); the layer gets pinv([X, 1])·Y, and a layer
+        serving several (j, k) the mean of their solutions. Anchors run in eval mode, once per batch each, up to
+        the last unit a target needs; each front position sums its normal equations batch by batch
+        (``LeastSquaresFit``: one Gram matrix for all its targets, float64), so no feature map outlives its batch.
+        Targets sharing a front position and a layer are summed before the solve: the solution is linear in Y, so
+        the mean of their solutions is the solution of their sum over their count (v1 windows: 34 targets of
+        DeiT-S→B become 22 products). Returns timing facts.
         """
         started = time.perf_counter()
         was_training = self.training
         self.eval()
-        stitches = [s for s in self.plan.stitches if not s.is_anchor]
+        # One entry per distinct (front, cut, back, resume, layer) the routes run (plan.ls_targets): multi-hop
+        # routes reuse one-hop positions, so SN-Netv2 solves each layer once, v1 averages a window's pairs.
+        targets = self.plan.ls_targets()
+        positions = self._ls_positions(targets)
         # Per anchor, the positions needed: 0 = embedding output, b+1 = output of unit b.
         needed: list[set[int]] = [set() for _ in self.plan.anchors]
-        for s in stitches:
-            needed[self._index[s.front]].add(s.cut + 1)
-            needed[self._index[s.back]].add(s.resume)
-        acts: list[dict[int, torch.Tensor]] = []
-        for spec, model, wanted in zip(self.plan.anchors, self.anchors, needed):
-            family = family_of(spec)
-            stem, units = family.stem(model), family.units(model)
-            last = max(wanted, default=0)
-            chunks: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-            for start in range(0, images.shape[0], batch_size):
-                x = stem(images[start:start + batch_size])
-                if 0 in chunks:
-                    chunks[0].append(x)
-                for b, unit in enumerate(units[:last]):
-                    x = unit(x)
-                    if b + 1 in chunks:
-                        chunks[b + 1].append(x)
-            acts.append({i: torch.cat(c) for i, c in chunks.items()})
-        collect_s = time.perf_counter() - started
+        for (fi, cut), position in positions.items():
+            needed[fi].add(cut + 1)
+            for group in position["groups"]:
+                needed[group["back"]].update(group["resumes"])
+        pieces = [(family_of(spec).stem(model), family_of(spec).units(model))
+                  for spec, model in zip(self.plan.anchors, self.anchors)]
+        # How many groups read each back feature map: its float64 rows are made once per batch, dropped after the
+        # last use (a DeiT-S→B batch reads 13 maps for 34 targets).
+        uses: dict[tuple, int] = {}
+        for position in positions.values():
+            for group in position["groups"]:
+                for resume in group["resumes"]:
+                    key = (group["back"], resume, group["layout"])
+                    uses[key] = uses.get(key, 0) + 1
+        forward_s = 0.0
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start:start + batch_size]
+            forward_started = time.perf_counter()
+            features = [self._ls_features(stem, units, batch, wanted) for (stem, units), wanted in zip(pieces, needed)]
+            forward_s += time.perf_counter() - forward_started
+            left, rows64 = dict(uses), {}
+            for (fi, cut), position in positions.items():
+                ys = []
+                for group in position["groups"]:
+                    y = None
+                    for resume in group["resumes"]:  # summed in float64: float32 features add exactly
+                        key = (group["back"], resume, group["layout"])
+                        if key not in rows64:
+                            rows64[key] = feature_rows(features[group["back"]][resume], key[2]).to(torch.float64)
+                        rows = rows64[key]
+                        left[key] -= 1
+                        if not left[key]:
+                            del rows64[key]
+                        y = rows if y is None else y + rows  # (never in place: ``rows`` may serve another group)
+                    ys.append(y)
+                position["fit"].add(feature_rows(features[fi][cut + 1], position["layout"]), ys)
+            del features, rows64
 
-        solve_started = time.perf_counter()
-        solutions: dict[str, list] = {}
-        pinv_cache: dict[tuple[int, int], torch.Tensor] = {}
-        for n, s in enumerate(stitches):
-            fi, bi = self._index[s.front], self._index[s.back]
-            stage = layer_stage(self.plan, s)
-            fspec, bspec = self.plan.anchors[fi], self.plan.anchors[bi]
-            if (fi, s.cut) not in pinv_cache:
-                pinv_cache[(fi, s.cut)] = pinv_with_bias(acts[fi][s.cut + 1], fspec.stage_layout[stage])
-            y = acts[bi][s.resume]  # output of back unit resume-1 (index 0: embedding)
-            solutions.setdefault(self._key(s.front, s.back, s.layer), []).append(
-                least_squares_solution(pinv_cache[(fi, s.cut)], y, bspec.stage_layout[stage])
-            )
-            if progress:
-                progress(n + 1, len(stitches))
-        for key, sols in solutions.items():
-            assign_mean_solution(self.stitch_layers[key], sols)
+        sums: dict[str, list] = {}  # layer key -> [weight sum, bias sum, targets]
+        methods: dict[str, int] = {}
+        done = 0
+        for position in positions.values():
+            solutions, method = position["fit"].solve()
+            methods[method] = methods.get(method, 0) + 1
+            for group, (w, b) in zip(position["groups"], solutions):
+                acc = sums.setdefault(group["key"], [0.0, 0.0, 0])
+                acc[0], acc[1], acc[2] = acc[0] + w, acc[1] + b, acc[2] + len(group["resumes"])
+                for _ in group["resumes"]:  # one call per target: callers advance a bar by one per call
+                    done += 1
+                    if progress:
+                        progress(done, len(targets))
+        for key, (w, b, count) in sums.items():
+            assign_mean_solution(self.stitch_layers[key], [(w / count, b / count)])
         self.train(was_training)
+        total_s = time.perf_counter() - started
         return {
             "calibration_images": int(images.shape[0]),
-            "collect_seconds": round(collect_s, 3),
-            "solve_seconds": round(time.perf_counter() - solve_started, 3),
-            "total_seconds": round(time.perf_counter() - started, 3),
-            "layers": len(solutions),
+            "collect_seconds": round(forward_s, 3),  # the anchors' stems and units
+            "solve_seconds": round(total_s - forward_s, 3),  # normal equations (summed per batch) and their solves
+            "total_seconds": round(total_s, 3),
+            "layers": len(sums),
+            "targets": len(targets),
+            "front_positions": len(positions),
+            "solved_by": dict(sorted(methods.items())),  # LeastSquaresFit.solve: pinv / cholesky / eigh
         }
+
+    def _ls_positions(self, targets) -> dict[tuple[int, int], dict]:
+        """Front position (anchor index, cut) -> its layout, its ``LeastSquaresFit`` and its target groups: per
+        (back anchor, layer), the resumes whose features are summed into one target."""
+        positions: dict[tuple[int, int], dict] = {}
+        for t in targets:
+            fi, bi = self._index[t.front], self._index[t.back]
+            fspec, bspec = self.plan.anchors[fi], self.plan.anchors[bi]
+            position = positions.setdefault((fi, t.cut), {"layout": fspec.stage_layout[t.stage],
+                                                          "width": fspec.stage_widths[t.stage], "groups": {}})
+            key = self._key(t.front, t.back, t.layer)
+            group = position["groups"].setdefault(key, {"key": key, "back": bi, "resumes": [],
+                                                        "layout": bspec.stage_layout[t.stage],
+                                                        "width": bspec.stage_widths[t.stage]})
+            group["resumes"].append(t.resume)
+        for position in positions.values():
+            position["groups"] = list(position["groups"].values())
+            position["fit"] = LeastSquaresFit(position["width"], [g["width"] for g in position["groups"]])
+        return positions
+
+    @staticmethod
+    def _ls_features(stem: nn.Module, units: list, batch: torch.Tensor, wanted: set[int]) -> dict[int, torch.Tensor]:
+        """One batch through an anchor up to the last wanted position: {0: stem output, b+1: unit b's output}."""
+        out: dict[int, torch.Tensor] = {}
+        if not wanted:
+            return out
+        x = stem(batch)
+        if 0 in wanted:
+            out[0] = x
+        for b, unit in enumerate(units[:max(wanted)]):
+            x = unit(x)
+            if b + 1 in wanted:
+                out[b + 1] = x
+        return out

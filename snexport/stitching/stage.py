@@ -102,10 +102,16 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
     net = SNNet(plan, anchors).eval()
     spec0 = plan.anchors[0]
     images, calib_source = calibration_images(data, spec0.input_shape, spec0.num_classes, calib_images)
-    with progress_task("least-squares init of stitching layers", len(plan.stitch_only), show_progress) as advance:
+    with progress_task("least-squares init of stitching layers", len(plan.ls_targets()), show_progress) as advance:
         ls = net.init_stitching_layers(images, progress=lambda done, total: advance())
     ls["source"] = calib_source
     info = {"inputs": inputs, "random_init": random_init, "data": data, "ls_init": ls, "trained_epochs": 0}
+    save_build(build, plan, net, info)
+    return build, info
+
+
+def save_build(build: BuildDir, plan, net, info: dict) -> None:
+    """Write a fresh SN-Net (plan + weights) into ``build``, dropping what belonged to its old weights."""
     # The old train state and selection belong to the old weights: drop them so later stages start afresh.
     stale_files = (files.TRAIN_STATE, files.TRAIN_STATE_META, files.TRAIN_STATE_LEGACY, files.TRAIN_INIT,
                    files.CANDIDATES, files.DEPLOY)
@@ -117,4 +123,25 @@ def stitch_stage(out: str | Path, anchor_names: list[str], weights: dict[str, Pa
     # run redoes this stage instead of trusting stale weights.
     build.save_plan(plan, info)
     build.save_snnet(net, trained_epochs=0)
-    return build, info
+
+
+def prepare_build_dir(out: str | Path, plan, force: bool) -> BuildDir:
+    """The build directory for a new SN-Net of ``plan``: refuses a file, an unwritable place, or a different
+    build (unless ``force``) before anything is written."""
+    from snexport.errors import BuildDirError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BuildDirError(f"--out {out} is a file, not a directory; pass a new or existing build directory")
+    require_writable(out, "snexport stitch")
+    build = BuildDir(out)
+    if build.plan_path.is_file() and not force:
+        try:
+            old_plan = build.load_plan()
+        except BuildDirError:
+            old_plan = None
+        if old_plan is not None:
+            raise BuildDirError(f"{build.root} already holds a build (plan {old_plan.hash}, anchors "
+                                f"{', '.join(a.name for a in old_plan.anchors)}); choose another --out or pass "
+                                "--force to replace it")
+    return build

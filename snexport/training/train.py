@@ -38,8 +38,13 @@ class TrainSettings:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     min_lr: float = 1e-6
-    sampling: str = "uniform"  # "uniform" (v1) or "flops" (v2 resource-constrained sampling)
+    # "uniform" (v1), "flops" (v2 resource-constrained sampling) or "auto": "flops" for SN-Netv2 (two-way) plans,
+    # "uniform" otherwise, as in the official code bases.
+    sampling: str = "auto"
     group_gap_gflops: float = 1.0  # v2 grouping gap; the demo family is tiny, so all of it is one group
+    # v2 flops_sampling_k: P(group i) ∝ i/k + 1/G over groups in ascending FLOPs (linear, favours heavier groups;
+    # large k approaches uniform). None: uniform over groups (official default).
+    flops_sampling_k: Optional[float] = None
     distill: str = ""  # "" (off), "largest" (the largest anchor before fine-tuning), or an anchor/timm name
     distill_alpha: float = 0.5  # hard distillation weight (DeiT)
     label_smoothing: float = 0.1
@@ -52,8 +57,10 @@ class TrainSettings:
     def check(self) -> "TrainSettings":
         """Refuse bad settings before any state is touched (a --restart must not run on a typo)."""
         problems = []
-        if self.sampling not in ("uniform", "flops"):
-            problems.append(f"--sampling must be 'uniform' or 'flops', got {self.sampling!r}")
+        if self.sampling not in SAMPLING_MODES:
+            problems.append(f"--sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.sampling!r}")
+        if self.flops_sampling_k is not None and not self.flops_sampling_k > 0:
+            problems.append(f"--flops-sampling-k must be > 0, got {self.flops_sampling_k}")
         if self.epochs < 1 or self.batch_size < 1:
             problems.append("--epochs and --batch-size must be >= 1")
         if self.lr <= 0 or self.anchor_lr_scale < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
@@ -63,6 +70,25 @@ class TrainSettings:
         if problems:
             raise SettingsError("; ".join(problems))
         return self
+
+
+SAMPLING_MODES = ("auto", "uniform", "flops")
+
+
+def sampling_mode(settings: TrainSettings, plan) -> str:
+    """The sampler a run uses: "auto" is SN-Netv2's FLOPs-grouped sampling for two-way plans, else uniform."""
+    if settings.sampling != "auto":
+        return settings.sampling
+    return "flops" if plan.settings.two_way else "uniform"
+
+
+def group_weights(groups: int, k: Optional[float]) -> list[float]:
+    """SN-Netv2's group probabilities: ∝ i/k + 1/G for group i (ascending FLOPs); uniform when k is None."""
+    if k is None:
+        return [1.0 / groups] * groups
+    raw = [i / k + 1.0 / groups for i in range(groups)]
+    total = sum(raw)
+    return [w / total for w in raw]
 
 
 def flops_groups(configs: list, gap_gflops: float) -> list[list]:
@@ -79,15 +105,20 @@ def flops_groups(configs: list, gap_gflops: float) -> list[list]:
 class ConfigSampler:
     """Picks the configuration for each step; every process samples its own (seeded by rank)."""
 
-    def __init__(self, configs: list, mode: str, gap_gflops: float, seed: int):
+    def __init__(self, configs: list, mode: str, gap_gflops: float, seed: int, flops_k: Optional[float] = None):
         if mode not in ("uniform", "flops"):
             raise SettingsError(f"--sampling must be 'uniform' or 'flops', got {mode!r}")
         self.configs = list(configs)
         self.groups = flops_groups(self.configs, gap_gflops) if mode == "flops" else [self.configs]
+        # None: uniform over groups via rng.choice (the draws of runs before flops_sampling_k stay the same).
+        self.weights = None if flops_k is None or mode != "flops" else group_weights(len(self.groups), flops_k)
         self.rng = random.Random(seed)
 
     def __call__(self):
-        return self.rng.choice(self.rng.choice(self.groups))
+        if self.weights is None:
+            return self.rng.choice(self.rng.choice(self.groups))
+        group = self.rng.choices(self.groups, weights=self.weights)[0]
+        return self.rng.choice(group)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -380,8 +411,10 @@ def train_build(build, settings: TrainSettings, resume: bool = False, restart: b
         teacher = copy.deepcopy(net.anchors[-1]) if settings.distill == "largest" else teacher_source
         teacher = teacher.to(device).eval().requires_grad_(False)
 
-    anchor_params = [p for p in net.anchors.parameters()]
-    layer_params = [p for p in net.stitch_layers.parameters()]
+    # Frozen parameters (the least-squares weight of SN-Netv2 LoRA stitching layers) stay out of the optimizer:
+    # AdamW's weight decay would otherwise still move them.
+    anchor_params = [p for p in net.anchors.parameters() if p.requires_grad]
+    layer_params = [p for p in net.stitch_layers.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": layer_params, "lr": settings.lr},
          {"params": anchor_params, "lr": settings.lr * settings.anchor_lr_scale}],
@@ -391,7 +424,8 @@ def train_build(build, settings: TrainSettings, resume: bool = False, restart: b
     total = settings.epochs * steps_per_epoch
     scheduler = cosine_with_warmup(optimizer, total, int(settings.warmup_epochs * steps_per_epoch),
                                    settings.min_lr / settings.lr)
-    sampler = ConfigSampler(plan.stitches, settings.sampling, settings.group_gap_gflops, settings.seed + 1000 * rank)
+    sampler = ConfigSampler(plan.stitches, sampling_mode(settings, plan), settings.group_gap_gflops,
+                            settings.seed + 1000 * rank, settings.flops_sampling_k)
     start_epoch, run_log = 0, []
     if done is not None:
         meta = _load_checkpoint(state_path, build.root, net, optimizer, scheduler, sampler, device)

@@ -14,7 +14,8 @@ read back from the compiled model (what OpenVINO actually applied, not what was 
   closest OpenVINO has to ONNX Runtime's ``allow_spinning=False``;
 - ``enable_mmap=True``: external weights are mapped, not read, so engines of one pack share the weights file's
   page cache. OpenVINO does not share anything else across compiled models: each keeps its own repacked copy of
-  its weights (about 1x its weights anonymous + its slice of the mapped file; docs: device-apis §1).
+  its weights (about 1.1x its weights anonymous + its slice of the mapped file, mapped once per compiled model;
+  measured in benchmarks/openvino_memory.py; docs: device-apis §1).
 
 OpenVINO reads the portable ONNX (standalone files, or a pack's files whose external data lies in the shared
 weights file); it cannot use ONNX Runtime's optimized pack, whose prepacked blobs are ORT's own
