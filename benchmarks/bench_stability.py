@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDS = REPO / "benchmarks" / ".builds" / "stability"
-RESULTS = REPO / "benchmarks" / "results" / "bench_stability.json"
+RESULTS = REPO / "benchmarks" / "results" / "bench_stability.json"  # --backends X: bench_stability-X.json
 SNEXPORT = [sys.executable, "-m", "snexport.cli.app"]
 # The measurement settings bench used before issue 10 (profiles/x86-cpu.toml then): one pass per engine.
 BASELINE_SETTINGS = {"warmup": 10, "iterations": 100, "min_duration_s": 2.0, "max_duration_s": 60.0}
@@ -64,10 +64,10 @@ def make_build(name: str) -> Path:
     return out
 
 
-def bench_once(build: Path) -> dict:
+def bench_once(build: Path, backends: str = "") -> dict:
     """`snexport bench` in a fresh process; returns {id: p50} and the front from the manifest it wrote."""
     started = time.perf_counter()
-    run(SNEXPORT + ["bench", build, "--target", "x86-cpu", "--json"])
+    run(SNEXPORT + ["bench", build, "--target", "x86-cpu", "--json"] + (["--backends", backends] if backends else []))
     seconds = time.perf_counter() - started
     manifest = json.loads((build / "manifest.json").read_text())
     key = max(manifest["devices"], key=lambda k: manifest["devices"][k]["measured_at"])
@@ -184,6 +184,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--builds", default="demo,deit", help="comma-separated: demo, deit")
     ap.add_argument("--fresh", action="store_true", help="rebuild the builds from scratch")
+    ap.add_argument("--backends", default="", help="passed to `snexport bench --backends` (default: bench's own, "
+                    "every installed CPU runtime; each engine's p50 is then that of the runtime chosen for it in "
+                    "that run, so a runtime flip between runs shows up as spread)")
     args = ap.parse_args()
     from snexport.device.profiles import load_profile
 
@@ -197,7 +200,9 @@ def main() -> None:
         build = make_build(name)
         smallest = "demo_s" if name == "demo" else "deit_s"
         entry = {"load_before": load()}
-        runs = {"interleaved rounds (snexport bench)": [bench_once(build), bench_once(build)],
+        label = f"interleaved rounds (snexport bench{' --backends ' + args.backends if args.backends else ''})"
+        entry["backends"] = args.backends or "bench default"
+        runs = {label: [bench_once(build, args.backends), bench_once(build, args.backends)],
                 "baseline: sequential": [baseline_once(build), baseline_once(build)]}
         entry["load_after"] = load()
         for method, (one, two) in runs.items():
@@ -205,9 +210,10 @@ def main() -> None:
             show(name, method, entry[method])
         print(f"  load average before/after: {entry['load_before']} / {entry['load_after']}")
         report["builds"][name] = entry
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nwritten: {RESULTS.relative_to(REPO)}")
+    results = RESULTS.with_name(f"bench_stability-{args.backends.replace(',', '_')}.json") if args.backends else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwritten: {results.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

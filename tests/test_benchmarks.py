@@ -44,7 +44,7 @@ def test_evenly_spaced_keeps_anchors_and_spreads_stitches(demo_plan):
     assert rc.evenly_spaced(demo_plan.stitches, n=6) == picked  # deterministic
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_runtime_compare_quick_demo(tmp_path):
     results = tmp_path / "results"
     # SNEXPORT_CACHE is inherited from conftest, so the trained demo anchors are reused across test runs.

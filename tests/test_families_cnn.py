@@ -355,7 +355,7 @@ def test_tensorrt_check_refuses_1d_pooling_and_keeps_2d():
     assert any(u.startswith("MaxPool: 2D or 3D pooling only") for u in pool([3], [1, 4, 8])["unsupported"])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_demo_cnn_build_end_to_end_with_trained_anchors(tmp_path, quick_profile):
     """`snexport build --anchors demo_cnn` as the CLI runs it (anchors trained once per checkout into
     .pytest_cache, fine-tuning shortened to 2 epochs): a real accuracy ladder, and the selector switches."""

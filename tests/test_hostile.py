@@ -403,7 +403,10 @@ def test_full_disk_stops_the_export_at_the_first_stitch_and_keeps_what_was_expor
 
 def _interrupt_when(cmd: list[str], ready, timeout: float = 300) -> subprocess.CompletedProcess:
     """Start ``cmd``, send SIGINT (what Ctrl-C sends) once ``ready()`` holds, and collect its output."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored: restore the
+    # default in the child, as an interactive terminal would have it, so the test holds wherever pytest runs.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -132,7 +132,7 @@ def test_distillation_from_the_largest_anchor_changes_the_objective(fresh_build,
     assert distilled["history"][0]["loss"] != pytest.approx(plain["history"][0]["loss"], rel=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigkill_mid_training_then_resume_loses_at_most_the_running_epoch(fresh_build):
     """A real kill (SIGKILL, no clean-up) while epochs are being written; --resume finishes the schedule."""
     import signal
