@@ -146,6 +146,19 @@ def choose(build, how: str) -> list:
     return [by_cost[i] for i in sorted(picks)]
 
 
+def open_build(args) -> tuple:
+    """(build, name): ``--build`` as it is, else a stitched build of ``--anchors`` under ``--out`` (made once)."""
+    from snexport.stitching.stage import stitch_stage
+    from snexport.stitching.store import BuildDir
+
+    if args.build:
+        return BuildDir(args.build).require(), Path(args.build).name
+    names = args.anchors.split(",")
+    name = "-".join(names) + ("-random" if args.random_init else "")
+    build, _ = stitch_stage(Path(args.out) / name, names, random_init=args.random_init, show_progress=False)
+    return build, name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", help="an existing build directory (default: make one from --anchors)")
@@ -163,16 +176,8 @@ def main() -> None:
     from snexport.device.profiling import device_fingerprint
     from snexport.export.deploy import validation_images
     from snexport.export.stage import _validation_inputs
-    from snexport.stitching.stage import stitch_stage
-    from snexport.stitching.store import BuildDir
 
-    if args.build:
-        build = BuildDir(args.build).require()
-        name = Path(args.build).name
-    else:
-        names = args.anchors.split(",")
-        name = "-".join(names) + ("-random" if args.random_init else "")
-        build, _ = stitch_stage(Path(args.out) / name, names, random_init=args.random_init, show_progress=False)
+    build, name = open_build(args)
     how = args.stitches or ("exported" if args.build else "3")
     stitches = choose(build, how)
     net = build.load_snnet()

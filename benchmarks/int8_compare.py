@@ -68,19 +68,11 @@ def main() -> None:
     from snexport.device.rounds import run_rounds
     from snexport.device.runtime import open_runner
     from snexport.export.int8 import DEFAULT_CALIB_IMAGES, onnx_top1
-    from snexport.stitching.stage import stitch_stage
-    from snexport.stitching.store import BuildDir
 
     sys.path.insert(0, str(HERE))
-    from export_timing import choose  # the same stitch choice as the timing benchmark
+    from export_timing import choose, open_build  # the same build and stitch choice as the timing benchmark
 
-    if args.build:
-        build = BuildDir(args.build).require()
-        name = Path(args.build).name
-    else:
-        names = args.anchors.split(",")
-        name = "-".join(names) + ("-random" if args.random_init else "")
-        build, _ = stitch_stage(Path(args.out) / name, names, random_init=args.random_init, show_progress=False)
+    build, name = open_build(args)
     stitches = choose(build, args.stitches or ("exported" if args.build else "3"))
     files = int8_files(build, stitches, Path(args.out) / "files" / name, args.calib_images or DEFAULT_CALIB_IMAGES)
 
