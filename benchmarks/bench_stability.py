@@ -71,15 +71,16 @@ def bench_once(build: Path, backends: str = "") -> dict:
     seconds = time.perf_counter() - started
     manifest = json.loads((build / "manifest.json").read_text())
     key = max(manifest["devices"], key=lambda k: manifest["devices"][k]["measured_at"])
-    p50, front, ci = {}, set(), {}
+    p50, front, ci, how = {}, set(), {}, {}
     for e in manifest["engines"]:
         m = e["measurements"].get(key)
         if m:
             p50[e["stitch_id"]] = m["latency_ms"]["p50"]
+            how[e["stitch_id"]] = f"{m.get('backend', '?')}/{m.get('threads') or '-'}t"
             ci[e["stitch_id"]] = (m.get("latency_noise") or {}).get("p50_ci")
             if m["pareto"]:
                 front.add(e["stitch_id"])
-    return {"p50": p50, "front": sorted(front), "ci": ci, "seconds": round(seconds, 1)}
+    return {"p50": p50, "front": sorted(front), "ci": ci, "how": how, "seconds": round(seconds, 1)}
 
 
 def baseline_once(build: Path) -> dict:
@@ -151,7 +152,10 @@ def compare(first: dict, second: dict, smallest: str) -> dict:
         "front_jaccard": round(len(f1 & f2) / len(f1 | f2), 4) if f1 | f2 else 1.0,
         "same_front": f1 == f2,
         "smallest_on_both_fronts": smallest in f1 and smallest in f2,
+        "only_on_one_front": sorted(f1 ^ f2),
         "per_engine": {i: {"p50_ms": [round(first["p50"][i], 4), round(second["p50"][i], 4)],
+                           "runs_on": [first.get("how", {}).get(i, ""), second.get("how", {}).get(i, "")],
+                           "on_front": [i in f1, i in f2],
                            "rel_spread": round(abs(first["p50"][i] - second["p50"][i])
                                                / ((first["p50"][i] + second["p50"][i]) / 2), 4)}
                        for i in ids},
@@ -175,9 +179,12 @@ def show(name: str, method: str, result: dict) -> None:
     print(f"\n{name} / {method}: {result['engines']} engines, Spearman rho {result['spearman_rho']:.3f}, "
           f"front Jaccard {result['front_jaccard']:.2f} (same front: {result['same_front']}, smallest anchor on "
           f"both: {result['smallest_on_both_fronts']}), {result['seconds'][0]:.0f} s + {result['seconds'][1]:.0f} s")
-    print(f"  {'engine':32s} {'p50 run 1':>10s} {'p50 run 2':>10s} {'spread':>8s}")
+    print(f"  {'engine':32s} {'p50 run 1':>10s} {'p50 run 2':>10s} {'spread':>8s}  {'front':>5s}  runs on")
     for i, r in sorted(result["per_engine"].items(), key=lambda kv: kv[1]["p50_ms"][0]):
-        print(f"  {i:32s} {r['p50_ms'][0]:10.4f} {r['p50_ms'][1]:10.4f} {100 * r['rel_spread']:7.1f}%")
+        front = "".join("y" if f else "-" for f in r["on_front"])
+        runs_on = " / ".join(dict.fromkeys(r["runs_on"])) if any(r["runs_on"]) else ""
+        print(f"  {i:32s} {r['p50_ms'][0]:10.4f} {r['p50_ms'][1]:10.4f} {100 * r['rel_spread']:7.1f}%  {front:>5s}  "
+              f"{runs_on}")
 
 
 def main() -> None:
@@ -199,7 +206,8 @@ def main() -> None:
             shutil.rmtree(BUILDS / name)
         build = make_build(name)
         smallest = "demo_s" if name == "demo" else "deit_s"
-        entry = {"load_before": load()}
+        entry = {"load_before": load(), "machine": report["machine"], "settings": report["settings"],
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         label = f"interleaved rounds (snexport bench{' --backends ' + args.backends if args.backends else ''})"
         entry["backends"] = args.backends or "bench default"
         runs = {label: [bench_once(build, args.backends), bench_once(build, args.backends)],
@@ -212,6 +220,14 @@ def main() -> None:
         report["builds"][name] = entry
     results = RESULTS.with_name(f"bench_stability-{args.backends.replace(',', '_')}.json") if args.backends else RESULTS
     results.parent.mkdir(parents=True, exist_ok=True)
+    if results.is_file():  # keep the other builds' latest figures (each build records its own machine and settings)
+        kept = json.loads(results.read_text()).get("builds", {})
+        for name, entry in kept.items():
+            if name not in report["builds"]:
+                report["builds"][name] = entry
+    for entry in report["builds"].values():
+        entry.setdefault("machine", report["machine"])
+        entry.setdefault("settings", report["settings"])
     results.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwritten: {results.relative_to(REPO)}")
 

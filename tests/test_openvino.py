@@ -233,7 +233,7 @@ def _cli(*args):
 def test_bench_measures_each_engine_on_both_and_the_selector_opens_the_chosen(exported, tmp_path):
     from snexport.buildfiles import read_jsonl
     from snexport.device.manifest import read_manifest
-    from snexport.device.pareto import best_backend, memory_for_pareto
+    from snexport.device.rounds import RUNTIME_TOLERANCE, pick_within
     from snexport.device.runtime.backends import BACKENDS
     from snexport.device.selector import Selector, SelectorWarning
 
@@ -249,11 +249,14 @@ def test_bench_measures_each_engine_on_both_and_the_selector_opens_the_chosen(ex
         m = e["measurements"][key]
         by = m["by_backend"]
         assert set(by) == {"onnxruntime", "openvino"} and m["backend"] == out["chosen"][e["stitch_id"]]
-        # The choice follows the rule on the very figures the manifest shows.
-        figures = {b: {"latency_p50_ms": f["latency_p50_ms"], "latency_ci_ms": f["p50_ci_ms"],
-                       "memory_mb": memory_for_pareto(f["memory_mb"])} for b, f in by.items()}
-        assert m["backend"] == best_backend(figures, ["onnxruntime", "openvino"])
+        # The choice follows the rule on the very figures the manifest shows: the paired screening's medians, the
+        # profile's own runtime unless the other is more than 10 % faster.
+        assert m["backend"] == pick_within({b: f["screen_ms"] for b, f in by.items()}, ["onnxruntime", "openvino"],
+                                           RUNTIME_TOLERANCE)
         assert m["latency_ms"]["p50"] == pytest.approx(by[m["backend"]]["latency_p50_ms"], rel=1e-6)
+        # The chosen runtime was timed in the rounds, the other keeps its screening figures.
+        assert by[m["backend"]]["latency_source"] == "interleaved rounds"
+        assert all(f["latency_source"].startswith("screening") for b, f in by.items() if b != m["backend"])
         # The entry names the file that runtime runs: ORT its optimized pack, OpenVINO the portable one.
         assert e["file"] == by[m["backend"]]["file"]
         assert e["file"].startswith("engines/pack-ort/" if m["backend"] == "onnxruntime" else "engines/pack/")

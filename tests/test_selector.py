@@ -24,7 +24,7 @@ from snexport.errors import BudgetError, ManifestError, SettingsError
 from snexport.hashing import sha256_file
 from snexport.device.manifest import device_key, write_manifest
 from snexport.device.runtime import open_runner
-from snexport.device.selector import FeedbackConfig, Selector, SelectorWarning
+from snexport.device.selector import FeedbackConfig, Selector, SelectorWarning, max_threads
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "test-cpu-0000"
@@ -659,7 +659,6 @@ def test_example_app_reads_images_and_labels(measured_build, tmp_path):
 @pytest.mark.timeout(120)
 def test_thread_counts_are_checked_before_onnx_runtime_sees_them(engines_dir):
     """5000 threads made the constructor hang for minutes creating ONNX Runtime thread pools."""
-    from snexport.device.selector import max_threads
     from snexport.errors import SettingsError
 
     hostile = {DEVICE: dict(device(), settings={"backend": "onnxruntime", "threads": 5000})}
@@ -672,6 +671,27 @@ def test_thread_counts_are_checked_before_onnx_runtime_sees_them(engines_dir):
         assert sel.run(X).shape == (1, 10)
     with pytest.raises(SettingsError, match="threads"):
         Selector(path, runner_options={"threads": 0})
+
+
+def test_each_engine_runs_with_the_thread_count_bench_chose_for_it(engines_dir):
+    """bench picks threads per engine (one thread for a tiny engine, every core for a big one): the selector opens
+    each engine with its own count, the device's count where an engine has none, the caller's when given."""
+    engines = three(engines_dir)
+    engines[0]["measurements"][DEVICE]["threads"] = 1
+    engines[2]["measurements"][DEVICE]["threads"] = 2
+    devices = {DEVICE: dict(device(), settings={"backend": "onnxruntime", "threads": 3})}
+    path = write(engines_dir, "per-engine-threads", engines, devices=devices)
+    with Selector(path, mode="preload") as sel:
+        assert {i: sel._slots[i].runner.threads for i in ("small", "mid", "big")} == {"small": 1, "mid": 3, "big": 2}
+        assert sel.run(X).shape == (1, 10)
+    with Selector(path, mode="preload", runner_options={"threads": 1}) as sel:  # the caller's count wins
+        assert {sel._slots[i].runner.threads for i in ("small", "mid", "big")} == {1}
+    engines[1]["measurements"][DEVICE]["threads"] = 5000
+    hostile = write(engines_dir, "per-engine-threads-hostile", engines, devices=devices)
+    if 5000 <= max_threads():
+        pytest.skip("this machine has 1250+ cores")
+    with pytest.raises(ManifestError, match=r"threads of 'mid'.*is 5000"):
+        Selector(hostile, mode="preload")
 
 
 def test_candidates_must_name_at_least_one_engine(engines_dir):

@@ -44,12 +44,13 @@ def bench_cmd(
     target: Annotated[Optional[str], typer.Option(help="Device profile name or TOML path; default: the build's "
                                                   "target, else this machine's.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON.")] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="A first look: 2 short rounds instead of the profile's "
-                                        "settings (wider intervals; the manifest records it).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A first look: at most 8 short rounds instead of the "
+                                        "profile's settings (wider intervals; the manifest records it).")] = False,
     backends: Annotated[Optional[str], typer.Option(help="Runtimes to measure each engine on, comma-separated "
-                                                    "(onnxruntime/ort, openvino/ov); each engine then runs on its "
-                                                    "fastest. Default: every installed CPU runtime on a CPU profile, "
-                                                    "the profile's own elsewhere.")] = None,
+                                                    "(onnxruntime/ort, openvino/ov); each engine then runs on the "
+                                                    "profile's own unless another is >10% faster. Default: every "
+                                                    "installed CPU runtime on a CPU profile, the profile's own "
+                                                    "elsewhere.")] = None,
 ):
     """Build engines if needed, measure latency/memory/load/switch per engine, re-select, update the manifest."""
     from snexport.buildfiles import DEVICE_PROFILE, BuildFiles, require_writable

@@ -5,13 +5,15 @@ previous engine with every engine resident (what a preloading selector pays). Re
 device's lines replaced, others kept) and into manifest.json; the Pareto set is re-selected on measured
 latency and memory, since FLOPs order is not latency order.
 
-Several runtimes per engine (issue 13): on a CPU profile every installed CPU backend of the table is measured
-(``backends``; `--backends ort,openvino`), each engine on each, all in the same interleaved rounds. A backend the
-export did not validate with (OpenVINO) is first gated on the FP32 reference logits the host shipped. Each engine
-then runs on its best backend (``pareto.best_backend``: fastest beyond the noise, ties to the smaller in memory):
-its manifest entry names that backend's file and carries that backend's numbers, runner settings and the others'
-figures (``by_backend``); the front is taken over engines on their chosen backends. One point per engine, not per
-(engine, backend): the selector's unit is the engine, and a front holding one stitch on two runtimes would make
+Several runtimes and thread counts per engine (issues 10, 13): on a CPU profile every installed CPU backend of the
+table is measured (``backends``; `--backends ort,openvino`). A backend the export did not validate with (OpenVINO)
+is first gated on the FP32 reference logits the host shipped. Then each engine's variants (each runtime, with one
+thread and with every core unless the profile pins threads) are timed against each other in alternation
+(``screen_engines``), and the engine runs on the fastest, preferring fewer threads within 5 % and the profile's
+own runtime within 10 %. Only that variant is timed in the interleaved rounds: its manifest entry names that backend's file and
+carries its numbers, runner settings and thread count, and the other runtimes' screening figures (``by_backend``);
+the front is taken over engines on their chosen variants. One point per engine, not per (engine, backend): the
+selector's unit is the engine, and a front holding one stitch on two runtimes would make
 a preloading selector keep it twice for no accuracy gained.
 """
 
@@ -29,7 +31,8 @@ from snexport.hashing import atomic_write_text
 log = logging.getLogger("snexport")
 
 
-def _runner_factory(build, art, profile, module_factory, backend: Optional[str] = None):
+def _runner_factory(build, art, profile, module_factory, backend: Optional[str] = None,
+                    threads: Optional[int] = None):
     backend = backend or profile.backend
     if backend == "torch":
         from snexport.device.runtime.backends import cuda_device_count
@@ -41,7 +44,75 @@ def _runner_factory(build, art, profile, module_factory, backend: Optional[str] 
     from snexport.device.runtime import open_runner
 
     options = profile.runner_options(backend)
+    if threads is not None:
+        options["threads"] = int(threads)
     return lambda: open_runner(build.root / art.file, backend=backend, **options)
+
+
+def thread_candidates(profile, backend: str) -> list[int]:
+    """The CPU thread counts `snexport bench` tries for an engine on ``backend``: none for a runtime that takes no
+    thread count (TensorRT, torch); the profile's count where it pins one; else one thread and every core this
+    process may use (``rounds.choose_threads`` picks per engine)."""
+    from snexport.device.runtime.backends import BACKENDS
+    from snexport.device.runtime.onnxruntime_runner import default_threads
+
+    if backend not in BACKENDS or not BACKENDS[backend].takes_threads:
+        return []
+    if profile.threads is not None:
+        return [int(profile.threads)]
+    return sorted({1, default_threads()})
+
+
+def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, preference: Sequence[str],
+                   show_progress: bool = True) -> tuple[dict, dict, dict]:
+    """How each engine runs: per runtime its thread count, then the runtime (``rounds.screen_variants``, paired).
+
+    ``keyed``: run key -> (engine, backend, file); ``make_factory(key, threads)`` -> runner factory;
+    ``candidates``: run key -> thread counts to try ([] for a runtime that takes none). Per engine, every
+    (runtime, threads) variant is loaded side by side and timed in alternation, then closed. Per runtime the
+    fewest threads within ``SCREEN_TOLERANCE`` of its fastest win; of the runtimes, the first of ``preference``
+    within ``RUNTIME_TOLERANCE`` of the fastest. Returns ({run key: threads or None}, {engine: backend},
+    {run key: screening statistics of its chosen thread count}); an engine with a single variant is not timed here.
+    """
+    import numpy as np
+
+    from snexport.device.rounds import RUNTIME_TOLERANCE, pick_within, screen_variants
+    from snexport.progress import progress_task
+
+    per_engine: dict[str, list[str]] = {}
+    for k, (e, _, _) in keyed.items():
+        per_engine.setdefault(e, []).append(k)
+    threads = {k: (candidates[k][0] if candidates[k] else None) for k in keyed}
+    chosen = {e: keyed[ks[0]][1] for e, ks in per_engine.items()}
+    screened: dict[str, dict] = {}
+    todo = [e for e, ks in per_engine.items() if sum(max(1, len(candidates[k])) for k in ks) > 1]
+    if not todo:
+        return threads, chosen, screened
+    with progress_task(f"choosing runtime and threads for {len(todo)} engines", len(todo), show_progress) as advance:
+        for e in todo:
+            ks = per_engine[e]
+            x = np.random.default_rng(0).standard_normal(tuple(keyed[ks[0]][2].input_shape)).astype(np.float32)
+            runners: dict[tuple, Any] = {}
+            try:
+                for k in ks:
+                    for t in candidates[k] or [None]:
+                        runners[(k, t)] = make_factory(k, t)()
+                        runners[(k, t)].load()
+                figures = screen_variants({v: (lambda r=r: r.run(x)) for v, r in runners.items()})
+            finally:
+                for r in runners.values():
+                    r.close()
+            for k in ks:
+                mine = {t: figures[(k, t)]["paired_ms"] for (kk, t) in figures if kk == k}
+                threads[k] = pick_within(mine, sorted(mine, key=lambda t: (t is not None, t or 0)))
+                screened[k] = dict(figures[(k, threads[k])], by_threads={str(t): round(float(v), 6)
+                                                                          for t, v in mine.items()
+                                                                          if t is not None})
+            backend_of = {keyed[k][1]: k for k in ks}
+            chosen[e] = pick_within({b: screened[k]["paired_ms"] for b, k in backend_of.items()}, preference,
+                                    RUNTIME_TOLERANCE)
+            advance()
+    return threads, chosen, screened
 
 
 def bench_backends(profile, requested: Optional[Sequence[str]] = None) -> list[str]:
@@ -97,6 +168,8 @@ def measurement_for_manifest(stats: dict, switch: Optional[dict]) -> dict:
         },
         "pareto": False,
     }
+    if stats.get("threads") is not None:
+        out["threads"] = int(stats["threads"])
     if "p50_ci_ms" in lat:
         out["latency_noise"] = {"p50_ci": [round(float(v), 6) for v in lat["p50_ci_ms"]],
                                 "ci_level": float(lat["ci_level"]), "rounds": int(lat["rounds"]),
@@ -106,6 +179,23 @@ def measurement_for_manifest(stats: dict, switch: Optional[dict]) -> dict:
         out["energy"] = {"mj_per_inference": _round(e.get("energy_mj_per_inference"), 6),
                          "mean_power_w": _round(e.get("mean_power_w"), 4), "source": e.get("source"),
                          "reason": e.get("reason")}
+    return out
+
+
+def choice_method(profile, backends: Sequence[str], screened: dict) -> dict:
+    """How each engine's runtime and CPU thread count were chosen, for the stored method."""
+    from snexport.device.rounds import RUNTIME_TOLERANCE, SCREEN_TOLERANCE
+
+    out = {}
+    if profile.threads is not None:
+        out["threads"] = f"{profile.threads} for every engine (the profile pins it)"
+    if screened:
+        out["choice"] = (f"per engine, its variants ({', '.join(backends)}; one thread and every core unless the "
+                         "profile pins threads) timed in alternation before the rounds: 10 passes of ~15 ms blocks, "
+                         "each variant figured by its block medians relative to their pass's mean; per runtime "
+                         f"the fewest threads within {SCREEN_TOLERANCE:.0%} of its fastest, then the first runtime in "
+                         f"the order {', '.join(backends)} within {RUNTIME_TOLERANCE:.0%} of the fastest. Only the "
+                         "chosen variant is timed in the rounds; by_backend holds the others' screening figures")
     return out
 
 
@@ -192,9 +282,9 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     from snexport.device.manifest import device_key as make_device_key
     from snexport.device.manifest import read_manifest, write_manifest
     from snexport.device.energy import open_energy_sensor
-    from snexport.device.pareto import best_backend, memory_for_pareto, noise_aware_front
+    from snexport.device.pareto import memory_for_pareto, noise_aware_front
     from snexport.device.profiling import device_fingerprint, measure_switch, measurement_record, profile_engine
-    from snexport.device.rounds import run_rounds
+    from snexport.device.rounds import plan_rounds, run_rounds
     from snexport.device.runtime.backends import BACKENDS
     from snexport.device.tensorrt_build import engines_stage
     from snexport.errors import SnexportError
@@ -253,50 +343,59 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
         reasons = "; ".join(why for (e, _), why in refusals.items() if e == unrun[0])
         raise BackendUnavailableError(f"no measured backend runs {unrun[0]} correctly ({reasons}); measure it with "
                                       f"{profile.backend} (`snexport bench --backends {profile.backend}`)")
-    # 1. Cold load and memory, one engine at a time (the RSS sampler thread runs here, never beside the clock).
+    # 1. How each engine runs: per runtime the faster of one thread and every core (where the profile leaves
+    # threads out), then the runtime, by timing the variants of one engine in alternation (screen_engines).
+    candidates = {k: thread_candidates(profile, b) for k, (_, b, _) in keyed.items()}
+    threads, chosen, screened = screen_engines(
+        keyed, lambda k, t: _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=t),
+        candidates, backends, show_progress)
+    for k, (_, b, a) in keyed.items():
+        factories[k] = _runner_factory(build, a, profile, module_factory, b, threads=threads[k])
+    picked = {e: next(k for k, (ke, b, _) in keyed.items() if ke == e and b == chosen[e]) for e in engines}
+    # 2. Cold load and memory, one engine at a time (the RSS sampler thread runs here, never beside the clock).
     stats: dict[str, dict] = {}
     with progress_task(f"cold load and memory of {len(keyed)} engines", len(keyed), show_progress) as advance:
         for k, (_, _, a) in keyed.items():
             stats[k] = profile_engine(factories[k], profile, time_latency=False)
             stats[k]["file_size_bytes"] = a.size_bytes
+            if threads[k] is not None:
+                stats[k]["threads"] = threads[k]
+            if k in screened:
+                stats[k]["screen"] = {"p50_ms": screened[k]["p50_ms"], "p50_ci_ms": screened[k]["p50_ci_ms"],
+                                      "paired_ms": screened[k]["paired_ms"], "by_threads": screened[k]["by_threads"]}
             advance()
     runners: dict[str, Any] = {}
     switches: dict[str, dict] = {}
-    chosen: dict[str, str] = {}
     try:
-        # 2. Latency in interleaved rounds, every engine resident (as a preloading selector keeps them); every
-        # backend's runners in the same rounds, so the machine's drift hits each runtime alike.
+        # 3. Latency in interleaved rounds of the chosen way to run each engine, every engine resident (as a
+        # preloading selector keeps them). A runtime not chosen keeps its screening figures (by_backend).
         import numpy as np
 
-        for k in keyed:
+        for k in picked.values():
             runners[k] = factories[k]()
             runners[k].load()
-        inputs = {k: np.random.default_rng(0).standard_normal(tuple(a.input_shape)).astype(np.float32)
-                  for k, (_, _, a) in keyed.items()}
+        inputs = {k: np.random.default_rng(0).standard_normal(tuple(keyed[k][2].input_shape)).astype(np.float32)
+                  for k in runners}
         runs = {k: (lambda r=r, x=inputs[k]: r.run(x)) for k, r in runners.items()}
         counter = sensor if sensor.available and not sensor.samples_during_window else None
-        blocks = rounds.rounds * len(keyed)
-        with progress_task(f"timing {len(keyed)} engines in {rounds.rounds} interleaved rounds ({profile.name})",
-                           blocks, show_progress) as advance:
-            timing = run_rounds(runs, rounds, energy=counter, progress=advance)
+        counts, n_rounds = plan_rounds(runs, rounds)
+        with progress_task(f"timing {len(runs)} engines in {n_rounds} interleaved rounds ({profile.name})",
+                           n_rounds * len(runs), show_progress) as advance:
+            timing = run_rounds(runs, rounds, counts=counts, rounds=n_rounds, energy=counter, progress=advance)
         energy = {k: t.pop("energy") for k, t in timing.items() if "energy" in t}
         if sensor.available and sensor.samples_during_window:
             energy = energy_rounds(runs, sensor, rounds, show_progress)
         for k in stats:
-            stats[k]["latency"] = timing[k]
-            stats[k]["energy"] = energy.get(k) or {"energy_mj_per_inference": None, "mean_power_w": None,
-                                                   "reason": sensor.reason or "no energy reading"}
-        # The backend each engine runs on: the fastest beyond the noise (pareto.best_backend).
-        for e in engines:
-            measured = {b: {"latency_p50_ms": stats[k]["latency"]["p50_ms"],
-                            "latency_ci_ms": stats[k]["latency"]["p50_ci_ms"],
-                            "memory_mb": memory_for_pareto(engine_memory_mb(measurement_for_manifest(stats[k], None)))}
-                        for k, (ke, b, _) in keyed.items() if ke == e}
-            chosen[e] = best_backend(measured, preference=backends)
-        picked = {e: next(k for k, (ke, b, _) in keyed.items() if ke == e and b == chosen[e]) for e in engines}
-        for k in [k for k in runners if k not in picked.values()]:  # the selector keeps only the chosen ones
-            runners.pop(k).close()
-        # 3. Warm switches with the chosen engines resident, in latency order: previous engine -> this one.
+            if k in timing:
+                stats[k]["latency"] = dict(timing[k], source="interleaved rounds")
+                stats[k]["energy"] = energy.get(k) or {"energy_mj_per_inference": None, "mean_power_w": None,
+                                                       "reason": sensor.reason or "no energy reading"}
+            else:
+                stats[k]["latency"] = dict({n: v for n, v in screened[k].items() if n not in ("by_threads", "paired_ms")},
+                                           source="screening (runtime not chosen)")
+                stats[k]["energy"] = {"energy_mj_per_inference": None, "mean_power_w": None,
+                                      "reason": "runtime not chosen for this engine: only screened, not in the rounds"}
+        # 4. Warm switches with the chosen engines resident, in latency order: previous engine -> this one.
         order = sorted(engines, key=lambda e: stats[picked[e]]["latency"]["p50_ms"])
         with progress_task("measuring warm switches", len(order), show_progress) as advance:
             for i, e in enumerate(order):
@@ -314,7 +413,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     settings = {"profile": profile.name, "backend": profile.backend, "backends": list(backends),
                 "precision": profile.precision, "threads": profile.threads,
                 "measurement": profile.measurement.to_dict(),
-                "method": dict(rounds.method(), quick=bool(quick)),
+                "method": dict(rounds.method(), quick=bool(quick), **choice_method(profile, backends, screened)),
                 "runner": runner_settings.get(profile.backend) or next(iter(runner_settings.values())),
                 "runners": runner_settings,
                 "energy_sensor": sensor.describe() if sensor.available else {"kind": profile.energy_sensor,
@@ -424,7 +523,9 @@ def backend_figures(engine: str, keyed: dict, stats: dict, refusals: dict, check
                   "p50_ci_ms": [round(float(v), 6) for v in lat["p50_ci_ms"]],
                   "memory_mb": round(engine_memory_mb(m), 3),
                   "latency_ms": m["latency_ms"], "load_cold_ms": m["load_ms"]["cold"],
-                  "energy_mj": (m.get("energy") or {}).get("mj_per_inference"),
+                  "energy_mj": (m.get("energy") or {}).get("mj_per_inference"), "threads": m.get("threads"),
+                  "latency_source": lat.get("source"),
+                  "screen_ms": _round((stats[k].get("screen") or {}).get("paired_ms"), 6),
                   **{f: fields[f] for f in BY_BACKEND_FILE_FIELDS}}
         if k in checks:
             out[b]["cosine_vs_reference"] = round(float(checks[k]["cosine"]), 8)

@@ -168,7 +168,11 @@ def noise_aware_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "to
 
 
 def best_backend(measured: Mapping[str, Mapping[str, Any]], preference: Sequence[str] = ()) -> str:
-    """The backend an engine runs on: of one engine's measurements on several runtimes, the fastest beyond the noise.
+    """Of the runtimes measured for an engine, the one to fall back on: the fastest beyond the noise.
+
+    The selector uses it on a device where the runtime bench chose is not installed, to pick among the others
+    measured for that engine (``by_backend``). bench itself chooses from a paired comparison
+    (``bench.screen_engines``), which is sharper than comparing intervals from separate measurements.
 
     ``measured``: backend -> {``latency_p50_ms``, ``latency_ci_ms`` = (low, high) of the p50's interval,
     ``memory_mb`` (at ``MEMORY_RESOLUTION_MB``)}. Every backend whose interval overlaps the fastest one's is as

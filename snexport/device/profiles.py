@@ -61,6 +61,8 @@ class MeasurementSettings:
     percentiles: tuple = (50.0, 90.0, 99.0)
     rounds: int = 5  # interleaved rounds, a fresh random engine order each
     ci_level: float = 0.95  # confidence level of the p50 interval (bootstrap over rounds)
+    budget_s: float = 0.0  # > 0: fewer rounds (not below min_rounds) when `rounds` would take longer than this
+    min_rounds: int = 5
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -68,15 +70,18 @@ class MeasurementSettings:
         return out
 
     def round_settings(self, quick: bool = False):
-        """The settings of ``snexport.device.rounds``; ``quick`` is bench's first look (2 short rounds)."""
+        """The settings of ``snexport.device.rounds``; ``quick`` is bench's first look (at most 8 short rounds)."""
         from snexport.device.rounds import RoundSettings
 
         if quick:
-            return RoundSettings(rounds=2, warmup=min(self.warmup, 3), iterations=5, min_duration_s=0.05,
+            return RoundSettings(rounds=min(self.rounds, 8), warmup=min(self.warmup, 3), iterations=1,
+                                 min_duration_s=min(self.min_duration_s, 0.01), min_rounds=2,
+                                 budget_s=min(self.budget_s or 10.0, 10.0),
                                  max_duration_s=min(self.max_duration_s, 1.0), percentiles=self.percentiles,
                                  ci_level=self.ci_level).check()
         return RoundSettings(rounds=self.rounds, warmup=self.warmup, iterations=self.iterations,
                              min_duration_s=self.min_duration_s, max_duration_s=self.max_duration_s,
+                             budget_s=self.budget_s, min_rounds=min(self.min_rounds, self.rounds),
                              percentiles=self.percentiles, ci_level=self.ci_level).check()
 
 
@@ -162,7 +167,7 @@ _TOP_LEVEL = {
     "backends": list,
 }
 _MEASUREMENT = {"warmup": int, "iterations": int, "min_duration_s": float, "max_duration_s": float, "percentiles": list,
-                "rounds": int, "ci_level": float}
+                "rounds": int, "ci_level": float, "budget_s": float, "min_rounds": int}
 _HARDWARE = {
     "gpu": str,
     "compute_capability": str,
@@ -251,6 +256,9 @@ def _parse(data: dict, name: str, path: Path) -> DeviceProfile:
     _positive(measurement.min_duration_s, "measurement.min_duration_s", path, allow_zero=True)
     if measurement.rounds < 2:
         raise ProfileError(f"'measurement.rounds' in {path} is {measurement.rounds}; use >= 2 (rounds show drift)")
+    if measurement.min_rounds < 2:
+        raise ProfileError(f"'measurement.min_rounds' in {path} is {measurement.min_rounds}; use >= 2")
+    _positive(measurement.budget_s, "measurement.budget_s", path, allow_zero=True)
     if not 0.5 <= measurement.ci_level < 1:
         raise ProfileError(f"'measurement.ci_level' in {path} is {measurement.ci_level}; use a level in [0.5, 1)")
     if measurement.max_duration_s < measurement.min_duration_s:

@@ -467,6 +467,8 @@ DEFAULT_SETTINGS = {
     # Interleaved rounds (snexport.device.rounds): used by bench's latency pass, ignored by profile_engine.
     "rounds": 5,
     "ci_level": 0.95,
+    "budget_s": 0.0,
+    "min_rounds": 5,
 }
 
 
@@ -542,6 +544,29 @@ def _make_input(runner: Any, seed: int):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS after loading engines (glibc ``malloc_trim``; best effort).
+
+    Creating an ONNX Runtime session allocates and frees large temporaries (graph copies; for a device-optimized
+    pack, the prepacked weights it checks against the pack's copies). glibc keeps such freed pages resident, by
+    chance more or less of them: 49 to 158 MB across identical preloads of 8 DeiT-S/B engines (docs/packs.md),
+    about 1 ms to release. Elsewhere (macOS, musl) there is no such call and nothing is done.
+
+    The memory pass calls it around each load as well, so that an engine's RSS growth is the same whatever was
+    loaded and freed before it (bench screens several sessions per engine first; their freed pages would otherwise
+    absorb the next load and make it look smaller).
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 def profile_engine(
     target: str | os.PathLike | Callable[[], Any],
     settings: Any = None,
@@ -579,6 +604,7 @@ def profile_engine(
     else:
         factory = target
 
+    return_freed_heap()
     rss_before, nvmap_before = process_rss_bytes(), nvmap_used_bytes()
     cuda_load = CudaMemoryDelta().start()
     t0 = time.perf_counter_ns()
@@ -591,6 +617,7 @@ def profile_engine(
         runner.run(x)
         t2 = time.perf_counter_ns()
         cuda_load.stop()
+        return_freed_heap()  # what stays resident, as a preloading selector sees it (it trims after loading)
         rss_loaded = process_rss_bytes()
         with PeakRSSSampler(cfg["rss_sample_interval_s"]) as sampler:
             if time_latency:

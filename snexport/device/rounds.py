@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -40,6 +41,8 @@ class RoundSettings:
     ci_level: float = 0.95  # confidence level of the p50 interval
     bootstrap: int = DEFAULT_BOOTSTRAP  # resamples of rounds for that interval
     seed: int = 0  # round orders and bootstrap resamples
+    budget_s: float = 0.0  # > 0: fewer rounds when `rounds` of every engine would take longer (plan_rounds)
+    min_rounds: int = 2  # ... but never fewer than this
 
     def check(self) -> "RoundSettings":
         if self.rounds < 2:
@@ -48,6 +51,8 @@ class RoundSettings:
             raise ProfileError("measurement needs warmup >= 0 and iterations >= 1; fix the settings")
         if not 0 <= self.min_duration_s <= self.max_duration_s:
             raise ProfileError("measurement needs 0 <= min_duration_s <= max_duration_s; fix the settings")
+        if not 2 <= self.min_rounds <= self.rounds or self.budget_s < 0:
+            raise ProfileError("measurement needs 2 <= min_rounds <= rounds and budget_s >= 0; fix the settings")
         if not 0.5 <= self.ci_level < 1:
             raise ProfileError(f"measurement.ci_level must lie in [0.5, 1), got {self.ci_level}")
         return self
@@ -56,9 +61,10 @@ class RoundSettings:
         """How the numbers were taken, stored next to them (profile.jsonl, manifest)."""
         return {
             "timing": "interleaved rounds",
-            "rounds": self.rounds,
+            "rounds": self.rounds if not self.budget_s else
+            f"up to {self.rounds}, fewer (at least {self.min_rounds}) where they would take over {self.budget_s:g} s",
             "order": f"fresh random permutation of the engines each round (seed {self.seed})",
-            "warmup_per_round": self.warmup,
+            "warmup_per_round": f"{self.warmup} untimed runs, at most a third of the block's timed runs (>= 1)",
             "iterations_per_round": f"max({self.iterations}, runs filling {self.min_duration_s:g} s), "
                                     f"at most {self.max_duration_s:g} s",
             "statistics": "percentiles (linear interpolation) over the samples of all rounds",
@@ -100,19 +106,130 @@ def iterations_for(seconds_per_run: float, settings: RoundSettings) -> int:
     return int(min(wanted, cap))
 
 
+# Choosing how to run an engine (runtime, thread count): a variant within this fraction of the fastest one's
+# median counts as just as fast, and the earliest of those in the caller's preference wins (fewer threads: no pool
+# to wake, the steadiest figures, cores left to the app; the profile's own runtime: the shared-weight pack).
+SCREEN_TOLERANCE = 0.05
+# Another runtime than the profile's own must be faster by more than this: runtimes differ in memory (OpenVINO keeps
+# a private copy of about each engine's weights; ONNX Runtime engines share the pack), and DeiT-S/B engines sit
+# 5-15 % apart on ONNX Runtime and OpenVINO here, where a 5 % rule flipped half of them between two runs.
+RUNTIME_TOLERANCE = 0.10
+
+
+def screen_variants(
+    variants: Mapping[Any, Callable[[], Any]],
+    *,
+    passes: int = 10,
+    warmup: int = 2,
+    block_s: float = 0.015,
+    min_runs: int = 1,
+    budget_s: float = 1.5,
+    min_passes: int = 3,
+    seed: int = 0,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> dict[Any, dict]:
+    """Time the ways of running one engine (``variants``: label -> run, e.g. (runtime, threads)) against each other;
+    returns label -> ``summarize_rounds`` statistics (passes as rounds) plus ``paired_ms``, the figure to compare
+    variants by: per pass, the variant's block median over the pass's geometric mean, median over passes, scaled.
+
+    Paired by design: the variants are timed in alternation, ``passes`` times in a fresh random order, so drift of
+    the machine hits them alike and their ratio is sharper than a comparison across separate rounds. Each block is
+    ``warmup`` untimed runs (later blocks: at most a third of the block, at least one), then a fixed number of timed
+    runs per variant (at least ``min_runs``, filling about ``block_s`` at the speed its first block's last warm-up
+    run showed), so passes weigh alike in the bootstrap interval. After the first pass, the number of passes shrinks
+    (not below ``min_passes``) so that they take about ``budget_s`` (a DeiT-B variant's block is a 0.2 s run).
+
+    Why it matters on small CPUs: a 0.5 ms demo stitch on 2 cores runs ~40 % faster on one thread than on two
+    (waking the second thread costs more than it saves) and its median moves by up to 2x between processes with
+    two, while bigger networks gain from every core; OpenVINO runs the demo's engines ~25 % faster than ONNX Runtime.
+    """
+    if not variants:
+        raise ProfileError("no variants to screen")
+    labels = list(variants)
+    counts: dict[Any, int] = {}
+    rng = random.Random(seed)
+    samples: dict[Any, list[list[float]]] = {v: [] for v in labels}
+    done = 0
+    while done < passes:
+        started = clock()
+        order = labels[:]
+        rng.shuffle(order)
+        for v in order:
+            run = variants[v]
+            if v not in counts:  # first block: warm up, then size the block from the last warm-up run
+                for _ in range(max(warmup, 1)):
+                    t0 = clock()
+                    run()
+                counts[v] = max(min_runs, math.ceil(block_s / max((clock() - t0) / 1e9, 1e-7)))
+            else:  # later blocks: at most a third of the block as warm-up (at least one run)
+                for _ in range(min(warmup, max(1, math.ceil(counts[v] / 3)))):
+                    run()
+            block = [0] * counts[v]
+            for k in range(counts[v]):
+                t0 = clock()
+                run()
+                block[k] = clock() - t0
+            samples[v].append([t / 1e6 for t in block])
+        done += 1
+        if done == 1 and budget_s > 0:  # slow engines: fewer passes (not below min_passes) to stay near the budget
+            passes = max(min(passes, min_passes), min(passes, math.floor(budget_s / max((clock() - started) / 1e9,
+                                                                                        1e-9))))
+    settings = RoundSettings(rounds=max(2, passes), warmup=warmup, seed=seed)
+    out = {v: summarize_rounds(samples[v], settings) for v in labels}
+    # Paired figure: each pass's block medians relative to that pass's geometric mean over the variants (the
+    # machine's speed in that pass cancels), the median over passes, scaled back to milliseconds.
+    block = {v: [percentile(sorted(b), 50.0) for b in samples[v]] for v in labels}
+    pass_means = [math.exp(statistics.fmean(math.log(max(block[v][p], 1e-9)) for v in labels)) for p in range(passes)]
+    scale = math.exp(statistics.fmean(math.log(max(out[v]["p50_ms"], 1e-9)) for v in labels))
+    for v in labels:
+        out[v]["paired_ms"] = scale * statistics.median(block[v][p] / pass_means[p] for p in range(passes))
+    return out
+
+
+def pick_within(medians: Mapping[Any, float], preference: Sequence[Any], tolerance: float = SCREEN_TOLERANCE) -> Any:
+    """The first label of ``preference`` whose median lies within ``tolerance`` of the fastest one's."""
+    if not medians:
+        raise ProfileError("nothing to pick from")
+    best = min(medians.values())
+    ordered = [v for v in preference if v in medians] + [v for v in medians if v not in preference]
+    return next(v for v in ordered if medians[v] <= best * (1.0 + tolerance))
+
+
+def warmup_runs(timed_runs: int, settings: RoundSettings) -> int:
+    """Untimed runs before an engine's timed block in a round: ``settings.warmup``, but at most a third of the
+    block's timed runs (at least one), so short blocks of a slow engine are not mostly warm-up."""
+    return min(settings.warmup, max(1, math.ceil(timed_runs / 3)))
+
+
+def plan_rounds(runs: Mapping[str, Callable[[], Any]], settings: RoundSettings,
+                clock: Callable[[], int] = time.perf_counter_ns) -> tuple[dict[str, int], int]:
+    """Timed runs per round for each engine (calibrated) and the number of rounds: ``settings.rounds``, or fewer
+    (not below ``min_rounds``) where their estimated time would exceed ``budget_s`` (a DeiT-B run takes 0.2 s
+    here, a demo engine's 0.3 ms: one setting cannot suit both without a budget)."""
+    per = {i: calibrate(runs[i], settings.warmup, clock) for i in runs}
+    counts = {i: iterations_for(per[i], settings) for i in runs}
+    rounds = settings.rounds
+    if settings.budget_s > 0:
+        round_s = sum((counts[i] + warmup_runs(counts[i], settings)) * per[i] for i in runs)
+        rounds = max(settings.min_rounds, min(rounds, math.floor(settings.budget_s / max(round_s, 1e-9))))
+    return counts, rounds
+
+
 def run_rounds(
     runs: Mapping[str, Callable[[], Any]],
     settings: RoundSettings,
     *,
     counts: Optional[Mapping[str, int]] = None,
+    rounds: Optional[int] = None,
     energy: Optional[Any] = None,
     clock: Callable[[], int] = time.perf_counter_ns,
     progress: Optional[Callable[..., None]] = None,
 ) -> dict[str, dict]:
     """Time every engine in ``runs`` (id -> zero-argument run) in interleaved rounds; returns id -> statistics.
 
-    ``counts`` fixes the timed runs per round per engine (default: calibrated with ``iterations_for``), so every
-    round of an engine has the same number of samples and the bootstrap weighs rounds equally. ``energy`` is a
+    ``counts`` fixes the timed runs per round per engine and ``rounds`` the number of rounds (default: both from
+    ``plan_rounds``), so every round of an engine has the same number of samples and the bootstrap weighs rounds
+    equally. ``energy`` is a
     counter sensor (``snexport.device.energy``, ``kind == "counter"``) read around each timed block.
     ``progress(1)`` is called after each engine's block.
     """
@@ -120,19 +237,22 @@ def run_rounds(
     ids = list(runs)
     if not ids:
         raise ProfileError("no engines to time")
+    n_rounds = settings.rounds
     if counts is None:
-        counts = {i: iterations_for(calibrate(runs[i], settings.warmup, clock), settings) for i in ids}
+        counts, n_rounds = plan_rounds(runs, settings, clock)
+    if rounds is not None:
+        n_rounds = rounds
     rng = random.Random(settings.seed)
     samples: dict[str, list[list[float]]] = {i: [] for i in ids}
     orders = []
     energy_parts: dict[str, list] = {i: [] for i in ids}
-    for _ in range(settings.rounds):
+    for _ in range(n_rounds):
         order = ids[:]
         rng.shuffle(order)
         orders.append(order)
         for engine_id in order:
             run, n = runs[engine_id], counts[engine_id]
-            for _ in range(settings.warmup):
+            for _ in range(warmup_runs(n, settings)):
                 run()
             block = [0] * n
             meter = energy.measure() if energy is not None else None

@@ -18,7 +18,6 @@ changes the engine of a run in flight, and a runner evicted or closed while in u
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import logging
 import math
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from snexport.errors import (BackendUnavailableError, BudgetError, BuildDirError, ManifestError, SettingsError,
                              SnexportError, UnknownStitchError)
 from snexport.hashing import PathLike, sha256_file
+from snexport.device.profiling import return_freed_heap as _return_freed_heap
 from snexport.device.manifest import (BY_BACKEND_FILE_FIELDS, MANIFEST_NAME, _relpath_problem, engine_ids,
                                       engine_memory_mb, latest_device, read_manifest)
 
@@ -212,15 +212,20 @@ class Selector:
         self._maps_lock = threading.Lock()
         self._on_switch = on_switch
         self.device = self._resolve_device(device)
-        # Engines run as they were measured: the device's recorded thread count unless the caller overrides it.
+        # Engines run as they were measured: each engine's recorded thread count (else the device's) unless the
+        # caller overrides it.
         options = dict(runner_options or {})
         if "threads" not in options:
             options.update(self._measured_runner_options())
-        elif options["threads"] is not None:
-            _check_threads(options["threads"], SettingsError, "runner_options threads")
+            engine_threads = self._engine_threads
+        else:
+            if options["threads"] is not None:
+                _check_threads(options["threads"], SettingsError, "runner_options threads")
+            engine_threads = lambda entry: {}  # noqa: E731 - the caller's count wins
         self._factory = runner_factory or (
             lambda entry, root: default_runner_factory(entry, root, weights_map=self._weights_map,
-                                                       backend=self._engine_backend(entry), **options)
+                                                       backend=self._engine_backend(entry),
+                                                       **{**options, **engine_threads(entry)})
         )
 
         self._entries: dict[str, dict] = {}
@@ -279,6 +284,17 @@ class Selector:
         _check_threads(threads, ManifestError, f"devices[{self.device!r}].settings.threads in {self.manifest_path}")
         return {"threads": threads}
 
+    def _engine_threads(self, entry: Mapping[str, Any]) -> dict:
+        """{"threads": n} when bench chose this engine's thread count on this device (measurement.threads)."""
+        from snexport.device.runtime.backends import BACKENDS
+
+        threads = (entry["measurements"].get(self.device) or {}).get("threads")
+        backend = self._engine_backend(entry)
+        if threads is None or backend not in BACKENDS or not BACKENDS[backend].takes_threads:
+            return {}
+        _check_threads(threads, ManifestError, f"threads of {entry.get('stitch_id')!r} in {self.manifest_path}")
+        return {"threads": int(threads)}
+
     def _engine_backend(self, entry: Mapping[str, Any]) -> Optional[str]:
         """The runtime an engine was measured with on this device (None: the file's suffix decides)."""
         from snexport.device.runtime.backends import BACKENDS
@@ -318,7 +334,9 @@ class Selector:
         pick = best_backend({b: {"latency_p50_ms": f["latency_p50_ms"], "latency_ci_ms": f["p50_ci_ms"],
                                  "memory_mb": memory_for_pareto(f["memory_mb"])} for b, f in usable.items()}, order)
         f = usable[pick]
-        view = {k: v for k, v in m.items() if k not in ("latency_noise", "tied_with", "by_backend")}
+        view = {k: v for k, v in m.items() if k not in ("latency_noise", "tied_with", "by_backend", "threads")}
+        if f.get("threads") is not None:  # that runtime's own thread count, as measured
+            view["threads"] = f["threads"]
         view.update(backend=pick, latency_ms=dict(f["latency_ms"]),
                     runner=(settings.get("runners") or {}).get(pick) or {},
                     memory=dict(m["memory"], rss_load_delta_mb=float(f["memory_mb"]), device_delta_mb=None),
@@ -897,23 +915,6 @@ class Selector:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _return_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS after loading engines (glibc ``malloc_trim``; best effort).
-
-    Creating an ONNX Runtime session allocates and frees large temporaries (graph copies; for a device-optimized
-    pack, the prepacked weights it checks against the pack's copies). glibc keeps such freed pages resident, by
-    chance more or less of them: 49 to 158 MB across identical preloads of 8 DeiT-S/B engines (docs/packs.md),
-    about 1 ms to release. Elsewhere (macOS, musl) there is no such call and nothing is done.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 def _is_int(value: Any) -> bool:
