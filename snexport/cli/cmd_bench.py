@@ -18,10 +18,10 @@ def show_measurements(result: dict, title: str):
     t = Table(title=title)
     several = len(result.get("backends") or ()) > 1
     columns = ["engine", "top-1 %", "p50 ms", "p90 ms", "p99 ms", "cold load ms", "switch p50 ms", "RSS +MB", "Pareto"]
-    if several:  # which runtime each engine runs on, and the others' p50 it was chosen against
-        columns[1:1] = ["backend", "others' p50 ms"]
+    if several:  # which runtime each engine runs on, and the paired screening it was chosen on (chosen one first)
+        columns[1:1] = ["backend", "screened ms"]
     for c in columns:
-        t.add_column(c, justify="left" if c in ("engine", "backend", "others' p50 ms") else "right")
+        t.add_column(c, justify="left" if c in ("engine", "backend", "screened ms") else "right")
     tops = {r["id"]: r["top1"] for r in result["rows"]}
     for sid, m in sorted(result["measurements"].items(), key=lambda kv: kv[1]["latency_ms"]["p50"]):
         lat, load = m["latency_ms"], m["load_ms"]
@@ -30,9 +30,13 @@ def show_measurements(result: dict, title: str):
                  f"{load['cold']:.1f}", sw, f"{m['memory']['rss_load_delta_mb']:.1f}",
                  "yes" if sid in result["pareto"] else ""]
         if several:
-            others = {b: f for b, f in (m.get("by_backend") or {}).items() if b != m.get("backend")}
-            cells[1:1] = [m.get("backend", ""), ", ".join(f"{b} {f['latency_p50_ms']:.3f}" if "latency_p50_ms" in f
-                                                          else f"{b} refused" for b, f in others.items())]
+            # Screening figures side by side: measured in the same alternation, unlike the rounds' p50 (all engines
+            # interleaved), so they compare like with like.
+            figures = sorted((m.get("by_backend") or {}).items(), key=lambda kv: kv[0] != m.get("backend"))
+            cells[1:1] = [m.get("backend", ""), ", ".join(
+                f"{b} refused" if "refused" in f else
+                f"{b} {f['screen_ms'] if f.get('screen_ms') is not None else f['latency_p50_ms']:.3f}"
+                for b, f in figures)]
         t.add_row(*cells)
     return t
 
