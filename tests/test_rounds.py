@@ -220,3 +220,45 @@ def test_screening_of_slow_variants_shrinks_to_its_budget():
     fast = FakeMachine({"one": 0.3, "two": 0.2})
     figures = screen_variants({k: fast.run(k) for k in fast.costs_ms}, passes=10, clock=fast.clock)
     assert all(f["rounds"] == 10 for f in figures.values())
+
+
+def test_a_rebench_keeps_the_previous_choice_unless_clearly_beaten(monkeypatch):
+    """Runtimes 12 % apart: a first bench takes the faster one (beyond the 10 % runtime tolerance); a re-bench that
+    previously chose the other keeps it (within tolerance + sticky margin), so two runs measure the same variant."""
+    from types import SimpleNamespace
+
+    import snexport.device.rounds as rounds
+    from snexport.device.bench import screen_engines
+
+    paired = {("e@onnxruntime", 1): 1.12, ("e@onnxruntime", 2): 1.60, ("e@openvino", 1): 1.00,
+              ("e@openvino", 2): 1.40}
+
+    def fake_screen(variants, **_):
+        assert set(variants) == set(paired)  # every runtime with every candidate thread count, side by side
+        return {v: {"p50_ms": paired[v], "p50_ci_ms": [paired[v]] * 2, "paired_ms": paired[v]} for v in variants}
+
+    class Runner:
+        def load(self):
+            pass
+
+        def run(self, x):
+            return x
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rounds, "screen_variants", fake_screen)
+    art = SimpleNamespace(input_shape=(1, 1, 8, 8))
+    keyed = {"e@onnxruntime": ("e", "onnxruntime", art), "e@openvino": ("e", "openvino", art)}
+    candidates = {k: [1, 2] for k in keyed}
+    factory = lambda k, t: Runner  # noqa: E731
+    order = ["onnxruntime", "openvino"]
+    threads, chosen, _ = screen_engines(keyed, factory, candidates, order, show_progress=False)
+    assert chosen == {"e": "openvino"} and threads == {"e@onnxruntime": 1, "e@openvino": 1}
+    _, chosen, _ = screen_engines(keyed, factory, candidates, order, show_progress=False,
+                                  previous={"e": ("onnxruntime", 1)})
+    assert chosen == {"e": "onnxruntime"}  # 12 % < 10 % + 5 %: kept
+    paired[("e@onnxruntime", 1)] = 1.25
+    _, chosen, _ = screen_engines(keyed, factory, candidates, order, show_progress=False,
+                                  previous={"e": ("onnxruntime", 1)})
+    assert chosen == {"e": "openvino"}  # 25 %: clearly beaten, the choice moves

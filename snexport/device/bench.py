@@ -63,8 +63,23 @@ def thread_candidates(profile, backend: str) -> list[int]:
     return sorted({1, default_threads()})
 
 
+def previous_choices(build, device_key: str) -> dict[str, tuple]:
+    """Engine id -> (backend, threads) that this device's last bench chose, from the manifest (empty if none)."""
+    from snexport.device.manifest import engine_ids, read_manifest
+
+    if not build.manifest_path.is_file():
+        return {}
+    doc = read_manifest(build.manifest_path)
+    out = {}
+    for engine_id, entry in zip(engine_ids(doc["engines"]), doc["engines"]):
+        m = entry["measurements"].get(device_key) or {}
+        if m.get("backend"):
+            out[engine_id] = (m["backend"], m.get("threads"))
+    return out
+
+
 def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, preference: Sequence[str],
-                   show_progress: bool = True) -> tuple[dict, dict, dict]:
+                   show_progress: bool = True, previous: Optional[dict] = None) -> tuple[dict, dict, dict]:
     """How each engine runs: per runtime its thread count, then the runtime (``rounds.screen_variants``, paired).
 
     ``keyed``: run key -> (engine, backend, file); ``make_factory(key, threads)`` -> runner factory;
@@ -73,10 +88,15 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
     fewest threads within ``SCREEN_TOLERANCE`` of its fastest win; of the runtimes, the first of ``preference``
     within ``RUNTIME_TOLERANCE`` of the fastest. Returns ({run key: threads or None}, {engine: backend},
     {run key: screening statistics of its chosen thread count}); an engine with a single variant is not timed here.
+
+    ``previous`` (engine -> (backend, threads), ``previous_choices``): what this device's last bench chose. A
+    re-bench keeps it unless another variant is faster by more than the tolerance plus ``STICKY_MARGIN``, so two
+    runs measure the same variant of an engine whose runtimes sit near the threshold instead of flipping.
     """
     import numpy as np
 
-    from snexport.device.rounds import RUNTIME_TOLERANCE, pick_within, screen_variants
+    from snexport.device.rounds import (RUNTIME_TOLERANCE, SCREEN_TOLERANCE, STICKY_MARGIN, pick_within,
+                                        screen_variants)
     from snexport.progress import progress_task
 
     per_engine: dict[str, list[str]] = {}
@@ -102,15 +122,21 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
             finally:
                 for r in runners.values():
                     r.close()
+            kept_backend, kept_threads = (previous or {}).get(e, (None, None))
             for k in ks:
                 mine = {t: figures[(k, t)]["paired_ms"] for (kk, t) in figures if kk == k}
-                threads[k] = pick_within(mine, sorted(mine, key=lambda t: (t is not None, t or 0)))
+                order, tolerance = sorted(mine, key=lambda t: (t is not None, t or 0)), SCREEN_TOLERANCE
+                if keyed[k][1] == kept_backend and kept_threads in mine:
+                    order, tolerance = [kept_threads] + order, SCREEN_TOLERANCE + STICKY_MARGIN
+                threads[k] = pick_within(mine, order, tolerance)
                 screened[k] = dict(figures[(k, threads[k])], by_threads={str(t): round(float(v), 6)
                                                                           for t, v in mine.items()
                                                                           if t is not None})
             backend_of = {keyed[k][1]: k for k in ks}
-            chosen[e] = pick_within({b: screened[k]["paired_ms"] for b, k in backend_of.items()}, preference,
-                                    RUNTIME_TOLERANCE)
+            order, tolerance = list(preference), RUNTIME_TOLERANCE
+            if kept_backend in backend_of:
+                order, tolerance = [kept_backend] + order, RUNTIME_TOLERANCE + STICKY_MARGIN
+            chosen[e] = pick_within({b: screened[k]["paired_ms"] for b, k in backend_of.items()}, order, tolerance)
             advance()
     return threads, chosen, screened
 
@@ -184,7 +210,7 @@ def measurement_for_manifest(stats: dict, switch: Optional[dict]) -> dict:
 
 def choice_method(profile, backends: Sequence[str], screened: dict) -> dict:
     """How each engine's runtime and CPU thread count were chosen, for the stored method."""
-    from snexport.device.rounds import RUNTIME_TOLERANCE, SCREEN_TOLERANCE
+    from snexport.device.rounds import RUNTIME_TOLERANCE, SCREEN_TOLERANCE, STICKY_MARGIN
 
     out = {}
     if profile.threads is not None:
@@ -195,7 +221,9 @@ def choice_method(profile, backends: Sequence[str], screened: dict) -> dict:
                          "each variant figured by its block medians relative to their pass's mean; per runtime "
                          f"the fewest threads within {SCREEN_TOLERANCE:.0%} of its fastest, then the first runtime in "
                          f"the order {', '.join(backends)} within {RUNTIME_TOLERANCE:.0%} of the fastest. Only the "
-                         "chosen variant is timed in the rounds; by_backend holds the others' screening figures")
+                         "chosen variant is timed in the rounds; by_backend holds the others' screening figures. "
+                         "A re-bench keeps this device's previous choice unless another variant is faster by "
+                         f"{STICKY_MARGIN:.0%} more than those tolerances")
     return out
 
 
@@ -348,7 +376,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     candidates = {k: thread_candidates(profile, b) for k, (_, b, _) in keyed.items()}
     threads, chosen, screened = screen_engines(
         keyed, lambda k, t: _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=t),
-        candidates, backends, show_progress)
+        candidates, backends, show_progress, previous=previous_choices(build, key))
     for k, (_, b, a) in keyed.items():
         factories[k] = _runner_factory(build, a, profile, module_factory, b, threads=threads[k])
     picked = {e: next(k for k, (ke, b, _) in keyed.items() if ke == e and b == chosen[e]) for e in engines}
