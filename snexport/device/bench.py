@@ -10,11 +10,11 @@ table is measured (``backends``; `--backends ort,openvino`). A backend the expor
 is first gated on the FP32 reference logits the host shipped. Then each engine's variants (each runtime, with one
 thread and with every core unless the profile pins threads) are timed against each other in alternation
 (``screen_engines``), and the engine runs on the fastest, preferring fewer threads within 5 % and the profile's
-own runtime within 10 %. Only that variant is timed in the interleaved rounds: its manifest entry names that backend's file and
-carries its numbers, runner settings and thread count, and the other runtimes' screening figures (``by_backend``);
-the front is taken over engines on their chosen variants. One point per engine, not per (engine, backend): the
-selector's unit is the engine, and a front holding one stitch on two runtimes would make
-a preloading selector keep it twice for no accuracy gained.
+own runtime within 10 %. Only that variant is timed in the interleaved rounds: its manifest entry names that
+backend's file and carries its numbers, runner settings and thread count, and the other runtimes' screening figures
+(``by_backend``); the front is taken over engines on their chosen variants. One point per engine, not per (engine,
+backend): the selector's unit is the engine, and a front holding one stitch on two runtimes would make a preloading
+selector keep it twice for no accuracy gained.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _runner_factory(build, art, profile, module_factory, backend: Optional[str] 
 def thread_candidates(profile, backend: str) -> list[int]:
     """The CPU thread counts `snexport bench` tries for an engine on ``backend``: none for a runtime that takes no
     thread count (TensorRT, torch); the profile's count where it pins one; else one thread and every core this
-    process may use (``rounds.choose_threads`` picks per engine)."""
+    process may use (``screen_engines`` picks per engine)."""
     from snexport.device.runtime.backends import BACKENDS
     from snexport.device.runtime.onnxruntime_runner import default_threads
 
@@ -374,11 +374,12 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     # 1. How each engine runs: per runtime the faster of one thread and every core (where the profile leaves
     # threads out), then the runtime, by timing the variants of one engine in alternation (screen_engines).
     candidates = {k: thread_candidates(profile, b) for k, (_, b, _) in keyed.items()}
-    threads, chosen, screened = screen_engines(
-        keyed, lambda k, t: _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=t),
-        candidates, backends, show_progress, previous=previous_choices(build, key))
-    for k, (_, b, a) in keyed.items():
-        factories[k] = _runner_factory(build, a, profile, module_factory, b, threads=threads[k])
+    def make_factory(k, threads):
+        return _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=threads)
+
+    threads, chosen, screened = screen_engines(keyed, make_factory, candidates, backends, show_progress,
+                                               previous=previous_choices(build, key))
+    factories = {k: make_factory(k, threads[k]) for k in keyed}
     picked = {e: next(k for k, (ke, b, _) in keyed.items() if ke == e and b == chosen[e]) for e in engines}
     # 2. Cold load and memory, one engine at a time (the RSS sampler thread runs here, never beside the clock).
     stats: dict[str, dict] = {}
@@ -419,8 +420,8 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
                 stats[k]["energy"] = energy.get(k) or {"energy_mj_per_inference": None, "mean_power_w": None,
                                                        "reason": sensor.reason or "no energy reading"}
             else:
-                stats[k]["latency"] = dict({n: v for n, v in screened[k].items() if n not in ("by_threads", "paired_ms")},
-                                           source="screening (runtime not chosen)")
+                figures = {n: v for n, v in screened[k].items() if n not in ("by_threads", "paired_ms")}
+                stats[k]["latency"] = dict(figures, source="screening (runtime not chosen)")
                 stats[k]["energy"] = {"energy_mj_per_inference": None, "mean_power_w": None,
                                       "reason": "runtime not chosen for this engine: only screened, not in the rounds"}
         # 4. Warm switches with the chosen engines resident, in latency order: previous engine -> this one.

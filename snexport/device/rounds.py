@@ -166,18 +166,13 @@ def screen_variants(
                     run()
                 counts[v] = max(min_runs, math.ceil(block_s / max((clock() - t0) / 1e9, 1e-7)))
             else:  # later blocks: at most a third of the block as warm-up (at least one run)
-                for _ in range(min(warmup, max(1, math.ceil(counts[v] / 3)))):
+                for _ in range(warmup_runs(counts[v], RoundSettings(warmup=warmup))):
                     run()
-            block = [0] * counts[v]
-            for k in range(counts[v]):
-                t0 = clock()
-                run()
-                block[k] = clock() - t0
-            samples[v].append([t / 1e6 for t in block])
+            samples[v].append(time_runs(run, counts[v], clock))
         done += 1
         if done == 1 and budget_s > 0:  # slow engines: fewer passes (not below min_passes) to stay near the budget
-            passes = max(min(passes, min_passes), min(passes, math.floor(budget_s / max((clock() - started) / 1e9,
-                                                                                        1e-9))))
+            fitting = math.floor(budget_s / max((clock() - started) / 1e9, 1e-9))
+            passes = max(min(passes, min_passes), min(passes, fitting))
     settings = RoundSettings(rounds=max(2, passes), warmup=warmup, seed=seed)
     out = {v: summarize_rounds(samples[v], settings) for v in labels}
     # Paired figure: each pass's block medians relative to that pass's geometric mean over the variants (the
@@ -197,6 +192,16 @@ def pick_within(medians: Mapping[Any, float], preference: Sequence[Any], toleran
     best = min(medians.values())
     ordered = [v for v in preference if v in medians] + [v for v in medians if v not in preference]
     return next(v for v in ordered if medians[v] <= best * (1.0 + tolerance))
+
+
+def time_runs(run: Callable[[], Any], n: int, clock: Callable[[], int] = time.perf_counter_ns) -> list[float]:
+    """``n`` timed runs, in ms; only ``run`` sits between the two clock reads (durations are converted after)."""
+    block = [0] * n
+    for k in range(n):
+        t0 = clock()
+        run()
+        block[k] = clock() - t0
+    return [t / 1e6 for t in block]
 
 
 def warmup_runs(timed_runs: int, settings: RoundSettings) -> int:
@@ -258,18 +263,14 @@ def run_rounds(
             run, n = runs[engine_id], counts[engine_id]
             for _ in range(warmup_runs(n, settings)):
                 run()
-            block = [0] * n
             meter = energy.measure() if energy is not None else None
             if meter is not None:
                 meter.__enter__()
-            for k in range(n):
-                t0 = clock()
-                run()
-                block[k] = clock() - t0
+            block = time_runs(run, n, clock)
             if meter is not None:
                 meter.__exit__(None, None, None)
                 energy_parts[engine_id].append((meter, n))
-            samples[engine_id].append([t / 1e6 for t in block])
+            samples[engine_id].append(block)
             if progress is not None:
                 progress(1)
     out = {}
