@@ -2,7 +2,9 @@
 
 For each build, runs the measurement twice, each time in a fresh process, and prints:
 - Spearman's rho of the engines' p50 latencies between the two runs,
-- the Jaccard index of the two measured fronts (and whether the smallest anchor is on both),
+- the Jaccard index of the two measured fronts (and whether the smallest anchor is on both); the second bench, like
+  any re-bench, moves an engine across the front only on clear evidence (``pareto.FRONT_STICKY_MARGIN``), so the
+  Jaccard index of each run's front on its own numbers, without that hysteresis, is printed too,
 - each engine's p50 in both runs and their relative spread.
 Side by side with the baseline, in the same run: the method bench used before issue 10 (engines measured one after
 another, once each, with the peak-RSS sampler thread running beside the timed loop, front by p50 alone).
@@ -66,21 +68,30 @@ def make_build(name: str) -> Path:
 
 def bench_once(build: Path, backends: str = "") -> dict:
     """`snexport bench` in a fresh process; returns {id: p50} and the front from the manifest it wrote."""
+    from snexport.device.manifest import engine_memory_mb
+    from snexport.device.pareto import noise_aware_front
+
     started = time.perf_counter()
     run(SNEXPORT + ["bench", build, "--target", "x86-cpu", "--json"] + (["--backends", backends] if backends else []))
     seconds = time.perf_counter() - started
     manifest = json.loads((build / "manifest.json").read_text())
     key = max(manifest["devices"], key=lambda k: manifest["devices"][k]["measured_at"])
-    p50, front, ci, how = {}, set(), {}, {}
+    p50, front, ci, how, rows = {}, set(), {}, {}, []
     for e in manifest["engines"]:
         m = e["measurements"].get(key)
         if m:
             p50[e["stitch_id"]] = m["latency_ms"]["p50"]
             how[e["stitch_id"]] = f"{m.get('backend', '?')}/{m.get('threads') or '-'}t"
             ci[e["stitch_id"]] = (m.get("latency_noise") or {}).get("p50_ci")
+            rows.append({"id": e["stitch_id"], "top1": (e.get("accuracy") or {}).get("top1"),
+                         "latency_p50_ms": p50[e["stitch_id"]], "latency_ci_ms": ci[e["stitch_id"]],
+                         "memory_mb": engine_memory_mb(m)})
             if m["pareto"]:
                 front.add(e["stitch_id"])
-    return {"p50": p50, "front": sorted(front), "ci": ci, "how": how, "seconds": round(seconds, 1)}
+    # The same measurements' front without the re-bench hysteresis (what this run alone says).
+    alone = noise_aware_front(rows)["front"]
+    return {"p50": p50, "front": sorted(front), "front_without_history": sorted(alone), "ci": ci, "how": how,
+            "seconds": round(seconds, 1)}
 
 
 def baseline_once(build: Path) -> dict:
@@ -146,6 +157,7 @@ def compare(first: dict, second: dict, smallest: str) -> dict:
     ids = sorted(set(first["p50"]) & set(second["p50"]))
     a, b = [first["p50"][i] for i in ids], [second["p50"][i] for i in ids]
     f1, f2 = set(first["front"]), set(second["front"])
+    h1, h2 = set(first.get("front_without_history", ())), set(second.get("front_without_history", ()))
     return {
         "engines": len(ids),
         "spearman_rho": round(spearman(a, b), 4),
@@ -153,6 +165,9 @@ def compare(first: dict, second: dict, smallest: str) -> dict:
         "same_front": f1 == f2,
         "smallest_on_both_fronts": smallest in f1 and smallest in f2,
         "only_on_one_front": sorted(f1 ^ f2),
+        **({"without_history": {"front_jaccard": round(len(h1 & h2) / len(h1 | h2), 4) if h1 | h2 else 1.0,
+                                "same_front": h1 == h2, "only_on_one_front": sorted(h1 ^ h2)}}
+           if "front_without_history" in first else {}),
         "per_engine": {i: {"p50_ms": [round(first["p50"][i], 4), round(second["p50"][i], 4)],
                            "runs_on": [first.get("how", {}).get(i, ""), second.get("how", {}).get(i, "")],
                            "on_front": [i in f1, i in f2],
@@ -179,6 +194,10 @@ def show(name: str, method: str, result: dict) -> None:
     print(f"\n{name} / {method}: {result['engines']} engines, Spearman rho {result['spearman_rho']:.3f}, "
           f"front Jaccard {result['front_jaccard']:.2f} (same front: {result['same_front']}, smallest anchor on "
           f"both: {result['smallest_on_both_fronts']}), {result['seconds'][0]:.0f} s + {result['seconds'][1]:.0f} s")
+    if "without_history" in result:
+        alone = result["without_history"]
+        print(f"  each run's front on its own numbers (no re-bench hysteresis): Jaccard {alone['front_jaccard']:.2f}, "
+              f"same: {alone['same_front']}, differ on: {', '.join(alone['only_on_one_front']) or 'none'}")
     print(f"  {'engine':32s} {'p50 run 1':>10s} {'p50 run 2':>10s} {'spread':>8s}  {'front':>5s}  runs on")
     for i, r in sorted(result["per_engine"].items(), key=lambda kv: kv[1]["p50_ms"][0]):
         front = "".join("y" if f else "-" for f in r["on_front"])

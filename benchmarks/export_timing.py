@@ -1,23 +1,26 @@
-"""Where the FP32 export of a stitch spends its time, now and before issue 13, interleaved in one run.
+"""Where the FP32 export of a stitch spends its time, now and before issue 13, in one run.
 
-Per stitch, alternating which goes first, in one process:
-- "new": the export stage itself (``snexport.export.stage.export_stitches`` into a scratch directory), whose
-  artifact records the seconds of each phase (materialize, reference, export, validate_export, simplify,
-  validate_simplified, tensorrt_check, write_and_hash);
-- "baseline": the stage's pre-issue-13 sequence, re-enacted here phase by phase with the same library calls it
-  made: ``exporter="auto"`` meant dynamo first (``torch.onnx.export(dynamo=True)`` to a file, loaded, renamed,
+Three ways over the same stitches, in one process:
+- "traced": the export stage run over all the stitches at once, every stitch traced whole (``compose=False``: the
+  stage before stitches were composed from pieces);
+- "new": the export stage as `snexport export` runs it: one run over all the stitches, each stitch's graph composed
+  from its pieces' graphs, every piece traced and simplified once (the first stitches that meet a piece pay for
+  it, in their "export" phase), four random validation inputs (plus the build's images);
+- "baseline": per stitch, the stage's pre-issue-13 sequence, re-enacted phase by phase with the same library calls
+  it made: ``exporter="auto"`` meant dynamo first (``torch.onnx.export(dynamo=True)`` to a file, loaded, renamed,
   saved), ONNX Runtime sessions with default options on the files, onnxsim on the whole model (weights included)
-  from file to file, the TensorRT check loading the file with its weights, sha256 read back from disk, and the
-  reference and validation passes on torch's/ORT's default thread counts.
-Both use the same validation inputs as ``snexport export`` (8 seeded random images, plus 16 validation images when
-the build has data) and the same gates.
+  from file to file, the TensorRT check loading the file with its weights, sha256 read back from disk, the
+  reference and validation passes on torch's/ORT's default thread counts, and 8 random validation inputs.
+Each artifact records the seconds of its phases (materialize, reference, export, simplify, validate_simplified,
+tensorrt_check, write_and_hash; "simplify" is the serialization for a composed stitch, whose pieces were
+simplified when first traced, and "write_and_hash" what is left of a write that ran during validation).
 
-    python benchmarks/export_timing.py --anchors deit_s,deit_b --random-init --stitches 3
+    python benchmarks/export_timing.py --anchors deit_s,deit_b --random-init --stitches 5
     python benchmarks/export_timing.py --build BUILD            # the stitches BUILD's last export chose (the demo)
     python benchmarks/export_timing.py --build BUILD --no-baseline
 
-Prints a phase table per stitch (baseline | new) and the totals, with the settings, the machine and the load average
-before and after each stitch (the build box is shared: compare only numbers taken in the same run), and writes
+Prints a phase table per stitch (baseline | traced | new) and the totals of each whole run, with the settings, the
+machine and the load average (the build box may be shared: compare only numbers taken in the same run), and writes
 benchmarks/results/export_timing-<name>.json.
 """
 
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PHASES = ("materialize", "reference", "export", "validate_export", "simplify", "validate_simplified",
+PHASES = ("materialize", "reference", "trace_pieces", "export", "validate_export", "simplify", "validate_simplified",
           "tensorrt_check", "write_and_hash")
 
 
@@ -115,18 +118,28 @@ def baseline_export(build, net, stitch, inputs, work: Path, simplifier: str) -> 
     return {"seconds": seconds, "exporter": kind, "size_mb": round(simple.stat().st_size / 1e6, 1)}
 
 
-def new_export(build, net, stitch, calib_images, work: Path, simplifier: str) -> dict:
-    """The export stage on one stitch in a scratch directory; the seconds its artifact recorded."""
+def stage_export(build, net, stitches, calib_images, work: Path, simplifier: str, compose: bool) -> dict:
+    """The export stage on all ``stitches`` in one run into a scratch directory (as `snexport export` runs it);
+    per stitch, the seconds its artifact recorded, and the run's wall time. ``compose``: stitch graphs composed
+    from per-piece graphs (the pieces' traces are paid by the first stitches that meet them); without it, every
+    stitch is traced whole (the stage before composition)."""
     from snexport.export.stage import export_stitches
 
-    shutil.rmtree(work / "new", ignore_errors=True)
+    out = work / ("composed" if compose else "traced")
+    shutil.rmtree(out, ignore_errors=True)
     spec0 = build.load_plan().anchors[0]
     start = time.perf_counter()
-    [art] = export_stitches(work / "new", [stitch], net.materialize, spec0.input_shape, calib_images,
-                            simplifier=simplifier, weights_hash=build.weights_hash())
+    arts = export_stitches(out, stitches, net.materialize, spec0.input_shape, calib_images,
+                           simplifier=simplifier, weights_hash=build.weights_hash(), compose=compose)
     wall = time.perf_counter() - start
-    return {"seconds": dict(art.validation["seconds"]), "wall_s": round(wall, 3), "exporter": art.exporter,
-            "size_mb": round(art.size_bytes / 1e6, 1)}
+    per = {a.stitch_id: {"seconds": dict(a.validation["seconds"]),
+                         "wall_s": round(sum(a.validation["seconds"].values()), 3), "exporter": a.exporter,
+                         "size_mb": round(a.size_bytes / 1e6, 1),
+                         "composed_from_pieces": a.validation.get("composed_from_pieces"),
+                         "pieces_traced": a.validation.get("pieces_traced")}
+           for a in arts if a.precision == "fp32"}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"per_stitch": per, "wall_s": round(wall, 2)}
 
 
 def choose(build, how: str) -> list:
@@ -187,46 +200,48 @@ def main() -> None:
     work = Path(args.out) / "files" / name
     work.mkdir(parents=True, exist_ok=True)
 
+    # The stage's two ways over all the stitches (traced whole first, then composed: the composed run cannot
+    # profit from the traced one's work), then the pre-issue-13 sequence per stitch.
+    load_before = os.getloadavg()
+    runs = {"traced": stage_export(build, net, stitches, calib, work, args.simplifier, compose=False),
+            "new": stage_export(build, net, stitches, calib, work, args.simplifier, compose=True)}
     rows = []
-    for i, s in enumerate(stitches):
-        load_before = os.getloadavg()
-        runs = {}
-        order = ["new"] if args.no_baseline else (["baseline", "new"] if i % 2 == 0 else ["new", "baseline"])
-        for which in order:
+    for s in stitches:
+        row = {"stitch": s.id, "gflops": s.gflops, "traced": runs["traced"]["per_stitch"][s.id],
+               "new": runs["new"]["per_stitch"][s.id]}
+        if not args.no_baseline:
             start = time.perf_counter()
-            if which == "new":
-                runs["new"] = new_export(build, net, s, calib, work, args.simplifier)
-            else:
-                runs["baseline"] = baseline_export(build, net, s, inputs, work, args.simplifier)
-                runs["baseline"]["wall_s"] = round(time.perf_counter() - start, 3)
-        row = {"stitch": s.id, "gflops": s.gflops, "load_before": load_before, "load_after": os.getloadavg(), **runs}
+            row["baseline"] = baseline_export(build, net, s, inputs, work, args.simplifier)
+            row["baseline"]["wall_s"] = round(time.perf_counter() - start, 3)
         rows.append(row)
-        print(f"\n{s.id} ({s.gflops:.3g} GFLOPs, {runs['new']['size_mb']} MB; load {load_before[0]:.1f} -> "
-              f"{row['load_after'][0]:.1f}; first: {order[0]})", flush=True)
-        print(f"  {'phase':22s} {'baseline s':>11s} {'new s':>8s}")
+        print(f"\n{s.id} ({s.gflops:.3g} GFLOPs, {row['new']['size_mb']} MB; composed from "
+              f"{row['new']['composed_from_pieces']} pieces)", flush=True)
+        print(f"  {'phase':22s} {'baseline s':>11s} {'traced s':>9s} {'new s':>8s}")
         for p in PHASES:
-            b = runs.get("baseline", {}).get("seconds", {}).get(p)
-            n = runs["new"]["seconds"].get(p)
-            print(f"  {p:22s} {'' if b is None else f'{b:11.2f}':>11s} {'' if n is None else f'{n:8.2f}':>8s}")
-        b_wall = runs.get("baseline", {}).get("wall_s")
-        print(f"  {'total (wall)':22s} {'' if b_wall is None else f'{b_wall:11.2f}':>11s} "
-              f"{runs['new']['wall_s']:8.2f}   exporters: {runs.get('baseline', {}).get('exporter', '-')} | "
-              f"{runs['new']['exporter']}", flush=True)
-        # The box is shared: a phase's seconds swing with the load, its ratio to the same run's PyTorch reference
-        # pass (one forward over the validation inputs) much less.
-        ratios = {k: round(v["wall_s"] / v["seconds"]["reference"], 2) for k, v in runs.items()
-                  if v["seconds"].get("reference")}
-        row["in_reference_passes"] = ratios
-        print(f"  {'total / reference':22s} {ratios.get('baseline', ''):>11} {ratios.get('new', ''):>8}", flush=True)
-
-    total_new = sum(r["new"]["wall_s"] for r in rows)
+            cells = [row.get(k, {}).get("seconds", {}).get(p) for k in ("baseline", "traced", "new")]
+            print(f"  {p:22s} " + " ".join(f"{'' if c is None else f'{c:.2f}':>{w}s}"
+                                           for c, w in zip(cells, (11, 9, 8))))
+        walls = [row.get(k, {}).get("wall_s") for k in ("baseline", "traced", "new")]
+        print(f"  {'total':22s} " + " ".join(f"{'' if c is None else f'{c:.2f}':>{w}s}"
+                                            for c, w in zip(walls, (11, 9, 8))), flush=True)
+        row["new"]["own_s"] = round(row["new"]["wall_s"] - row["new"]["seconds"].get("trace_pieces", 0.0), 3)
+        print(f"  {'total less piece traces':22s} {'':>11s} {'':>9s} {row['new']['own_s']:8.2f}   (pieces traced "
+              f"for it: {row['new']['pieces_traced']})", flush=True)
+    load_after = os.getloadavg()
     total_base = None if args.no_baseline else sum(r["baseline"]["wall_s"] for r in rows)
-    print(f"\n{len(rows)} stitches: new {total_new:.1f} s" + ("" if total_base is None else
-          f", baseline {total_base:.1f} s ({total_base / total_new:.1f}x)"))
+    print(f"\n{len(rows)} stitches in one export run: composed {runs['new']['wall_s']:.1f} s, traced whole "
+          f"{runs['traced']['wall_s']:.1f} s" + ("" if total_base is None else f", baseline {total_base:.1f} s")
+          + f" (load {load_before[0]:.1f} -> {load_after[0]:.1f})")
+    total_new = runs["new"]["wall_s"]
+    traces = sum(r["new"]["seconds"].get("trace_pieces", 0.0) for r in rows)
+    print(f"composed run: {traces:.1f} s tracing {sum(r['new']['pieces_traced'] or 0 for r in rows)} pieces once, "
+          f"{sum(r['new']['own_s'] for r in rows):.1f} s for the stitches themselves")
     result = {"settings": vars(args) | {"stitches_chosen": how, "torch_threads": torch.get_num_threads(),
-                                        "validation_inputs": len(inputs)},
+                                        "baseline_validation_inputs": len(inputs)},
               "machine": device_fingerprint(), "rows": rows,
-              "totals": {"new_s": round(total_new, 2), "baseline_s": None if total_base is None else round(total_base, 2)}}
+              "load_average": {"before": load_before, "after": load_after},
+              "totals": {"new_s": round(total_new, 2), "traced_s": runs["traced"]["wall_s"],
+                         "baseline_s": None if total_base is None else round(total_base, 2)}}
     (HERE / "results").mkdir(exist_ok=True)
     out = HERE / "results" / f"export_timing-{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -28,7 +28,6 @@ import argparse
 import collections
 import copy
 import json
-import math
 import os
 import platform
 import random

@@ -513,7 +513,7 @@ def test_stage_exports_validates_and_records_every_stitch(tmp_path):
     assert a.sha256 == sha256_file(tmp_path / a.file) and a.size_bytes == (tmp_path / a.file).stat().st_size
     assert a.input_name == "input" and a.input_shape == (1, *SHAPE) and a.output_shape == (1, 10)
     assert a.opset == 18 and a.exporter.startswith("torch.onnx torchscript") and a.simplifier.startswith("onnxslim ")
-    assert a.validation["samples"] == 8 + 3 and a.validation["inputs"] == {"random": 8, "seed": 0, "images": 3}
+    assert a.validation["samples"] == 4 + 3 and a.validation["inputs"] == {"random": 4, "seed": 0, "images": 3}
     assert a.validation["cosine"] >= 0.99999 and a.validation["top1_agreement"] == 1.0
     assert a.validation["tensorrt_compat"]["ok"] is True
     assert len(a.versions["settings_hash"]) == 64
@@ -524,7 +524,7 @@ def test_stage_exports_validates_and_records_every_stitch(tmp_path):
     # Shipped reference: the validation inputs once, and each stitch's PyTorch logits, hashed in its record.
     ref = a.reference
     inputs, logits = np.load(tmp_path / ref["inputs"]), np.load(tmp_path / ref["logits"])
-    assert inputs.shape == (8 + 3, *SHAPE) and np.array_equal(inputs[8:], calib)
+    assert inputs.shape == (4 + 3, *SHAPE) and np.array_equal(inputs[4:], calib)
     assert ref["logits_sha256"] == sha256_file(tmp_path / ref["logits"])
     module = mat(a.stitch_id).eval()
     with torch.no_grad():

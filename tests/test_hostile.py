@@ -25,7 +25,7 @@ import pytest
 
 from snexport import buildfiles as files
 from snexport.buildfiles import BuildFiles, parse_json, read_json, read_jsonl
-from snexport.errors import BuildDirError, ProfileError, SnexportError
+from snexport.errors import BuildDirError, ProfileError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = ["demo_s", "demo_m", "demo_l"]

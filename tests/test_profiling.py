@@ -252,6 +252,44 @@ def test_settings_resolution():
         resolve_settings({"iteratons": 5})
 
 
+class _Slow:
+    """A real runner whose runs take at least ``delay_s`` and are counted."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s, self.runs = inner, delay_s, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, x):
+        import time
+
+        self.runs += 1
+        time.sleep(self.delay_s)
+        return self.inner.run(x)
+
+
+def test_slow_engines_stop_switching_and_memory_runs_at_their_budget(matmul_onnx):
+    np = pytest.importorskip("numpy")
+    from snexport.device.runtime import open_runner
+
+    x = np.ones((1, 64), np.float32)
+    with open_runner(matmul_onnx, threads=1) as a, open_runner(matmul_onnx, threads=1) as b:
+        slow_b = _Slow(b, 0.02)
+        result = measure_switch(a, slow_b, x, repeats=20, budget_s=0.05)
+        assert result["repeats"] == 3 and slow_b.runs == 1 + 2 * 3  # at least 3 switches, then the budget stops it
+        fast = measure_switch(a, b, x, repeats=20, budget_s=5.0)
+        assert fast["repeats"] == 20  # the budget only cuts slow engines
+    made = []
+
+    def factory():
+        made.append(_Slow(open_runner(matmul_onnx, threads=1), 0.02))
+        return made[-1]
+
+    stats = profile_engine(factory, time_latency=False, memory_runs=20, memory_budget_s=0.01)
+    assert made[0].runs == 1 + 3 and stats["memory"]["rss_peak_during_runs_bytes"] > 0
+
+
 def test_measure_switch(matmul_onnx):
     np = pytest.importorskip("numpy")
     from snexport.device.runtime import open_runner

@@ -116,8 +116,9 @@ def test_settings_are_checked():
     assert RoundSettings().method()["p50_ci"]["method"].startswith("bootstrap over rounds")
 
 
-def row(i, top1, lo, hi, mem=0.0):
-    return {"id": i, "top1": top1, "latency_ci_ms": (lo, hi), "memory_mb": mem}
+def row(i, top1, lo, hi, mem=0.0, p50=None):
+    return {"id": i, "top1": top1, "latency_ci_ms": (lo, hi), "memory_mb": mem,
+            "latency_p50_ms": (lo + hi) / 2 if p50 is None else p50}
 
 
 def test_front_drops_only_what_is_beaten_beyond_the_noise():
@@ -135,6 +136,47 @@ def test_front_drops_only_what_is_beaten_beyond_the_noise():
     # The smallest anchor stays on the front even when a stitch's median is lower, as long as it is within noise.
     out = noise_aware_front([row("demo_s", 73.0, 0.28, 0.40), row("demo_s:3>demo_m:4", 75.0, 0.30, 0.38)])
     assert out["front"] == ["demo_s", "demo_s:3>demo_m:4"]
+
+
+def test_front_needs_a_latency_difference_beyond_the_resolution():
+    # Tight, disjoint intervals but only 3 % apart: one run's interval cannot see how a reload moves an engine, so
+    # the slower, less accurate engine stays, tied; at 8 % apart it is dropped.
+    near = [row("fast", 80.0, 0.970, 0.980), row("slow", 79.0, 0.995, 1.005)]
+    out = noise_aware_front(near)
+    assert out["front"] == ["fast", "slow"] and out["tied"] == {"fast": ["slow"], "slow": ["fast"]}
+    far = [row("fast", 80.0, 0.915, 0.925), row("slow", 79.0, 0.995, 1.005)]
+    assert noise_aware_front(far)["dominated_by"] == {"slow": "fast"}
+    # 8 % lower medians but overlapping intervals: still within the noise.
+    wide = [row("fast", 80.0, 0.80, 1.00, p50=0.92), row("slow", 79.0, 0.95, 1.05, p50=1.0)]
+    assert noise_aware_front(wide)["front"] == ["fast", "slow"]
+
+
+def test_a_rebench_moves_engines_across_the_front_only_on_clear_evidence():
+    from snexport.device.pareto import FRONT_STICKY_MARGIN, LATENCY_RESOLUTION
+
+    def pair(gap):  # "slow" is less accurate and `gap` slower, with tight intervals
+        return [row("fast", 80.0, 0.99, 1.01, p50=1.0), row("slow", 79.0, 0.99 + gap, 1.01 + gap, p50=1.0 + gap)]
+
+    # 8 % apart: dropped without history; kept by a re-bench when it was on the front (8 % < 5 % + 5 %).
+    assert noise_aware_front(pair(0.08))["dominated_by"] == {"slow": "fast"}
+    assert noise_aware_front(pair(0.08), previous={"fast": True, "slow": True})["front"] == ["fast", "slow"]
+    # 4.4 % apart: tied without history; stays off the front when it was off (4.4 % > 5 % - 5 %, beyond the CI).
+    assert noise_aware_front(pair(0.044))["front"] == ["fast", "slow"]
+    assert noise_aware_front(pair(0.044), previous={"fast": True, "slow": False})["dominated_by"] == {"slow": "fast"}
+    # Clear evidence still moves it: 12 % slower leaves the front; overlapping intervals bring it back.
+    gap = LATENCY_RESOLUTION + FRONT_STICKY_MARGIN + 0.02
+    assert noise_aware_front(pair(gap), previous={"slow": True})["dominated_by"] == {"slow": "fast"}
+    overlapping = [row("fast", 80.0, 0.95, 1.05, p50=1.0), row("slow", 79.0, 1.0, 1.1, p50=1.05)]
+    assert noise_aware_front(overlapping, previous={"slow": False})["front"] == ["fast", "slow"]
+
+
+def test_front_memory_is_a_tolerance_not_a_rounding():
+    # 7.4 and 7.6 MB would round to 5 and 10: a rounding boundary between them would keep "slow" on the front in
+    # one run and drop it in the next. As a 5 MB tolerance, 0.2 MB never decides; 6 MB more does.
+    rows = [row("fast", 80.0, 0.5, 0.6, mem=7.6), row("slow", 79.0, 1.0, 1.1, mem=7.4)]
+    assert noise_aware_front(rows)["dominated_by"] == {"slow": "fast"}
+    rows = [row("fast", 80.0, 0.5, 0.6, mem=13.5), row("slow", 79.0, 1.0, 1.1, mem=7.4)]
+    assert noise_aware_front(rows)["front"] == ["fast", "slow"]
 
 
 def test_front_with_unknown_accuracy_is_a_latency_memory_front():

@@ -78,6 +78,32 @@ def previous_choices(build, device_key: str) -> dict[str, tuple]:
     return out
 
 
+# Seconds of warm-switch measurement per engine once 3 switches are timed (profiling.measure_switch).
+SWITCH_BUDGET_S = 1.0
+
+
+def front_method(rebench: bool) -> dict:
+    """How the measured front was taken, stored with the numbers (``pareto.noise_aware_front``)."""
+    from snexport.device.pareto import FRONT_STICKY_MARGIN, LATENCY_RESOLUTION, MEMORY_RESOLUTION_MB
+
+    return {"rule": "dropped only when another engine is at least as accurate, faster beyond its p50 interval and "
+                    "by more than the latency resolution, and no bigger in memory beyond the memory resolution",
+            "latency_resolution": LATENCY_RESOLUTION, "memory_resolution_mb": MEMORY_RESOLUTION_MB,
+            "rebench_margin": FRONT_STICKY_MARGIN if rebench else None}
+
+
+def previous_front(build, device_key: str) -> dict[str, bool]:
+    """Engine id -> whether it was on this device's measured front in the last bench (empty if none)."""
+    from snexport.device.manifest import engine_ids, read_manifest
+
+    if not build.manifest_path.is_file():
+        return {}
+    doc = read_manifest(build.manifest_path)
+    return {engine_id: bool(entry["measurements"][device_key].get("pareto"))
+            for engine_id, entry in zip(engine_ids(doc["engines"]), doc["engines"])
+            if device_key in entry["measurements"]}
+
+
 def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, preference: Sequence[str],
                    show_progress: bool = True, previous: Optional[dict] = None) -> tuple[dict, dict, dict]:
     """How each engine runs: per runtime its thread count, then the runtime (``rounds.screen_variants``, paired).
@@ -310,7 +336,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     from snexport.device.manifest import device_key as make_device_key
     from snexport.device.manifest import read_manifest, write_manifest
     from snexport.device.energy import open_energy_sensor
-    from snexport.device.pareto import memory_for_pareto, noise_aware_front
+    from snexport.device.pareto import noise_aware_front
     from snexport.device.profiling import device_fingerprint, measure_switch, measurement_record, profile_engine
     from snexport.device.rounds import plan_rounds, run_rounds
     from snexport.device.runtime.backends import BACKENDS
@@ -377,6 +403,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     def make_factory(k, threads):
         return _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=threads)
 
+    was_on_front = previous_front(build, key)  # read before this bench rewrites the manifest
     threads, chosen, screened = screen_engines(keyed, make_factory, candidates, backends, show_progress,
                                                previous=previous_choices(build, key))
     factories = {k: make_factory(k, threads[k]) for k in keyed}
@@ -430,7 +457,8 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
             for i, e in enumerate(order):
                 prev = runners[picked[order[i - 1]]] if i else runners[picked[order[-1]]]
                 if prev is not runners[picked[e]]:
-                    switches[e] = measure_switch(prev, runners[picked[e]], inputs[picked[e]], repeats=switch_repeats)
+                    switches[e] = measure_switch(prev, runners[picked[e]], inputs[picked[e]], repeats=switch_repeats,
+                                                 budget_s=SWITCH_BUDGET_S)
                 advance()
     finally:
         for r in runners.values():
@@ -442,7 +470,8 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     settings = {"profile": profile.name, "backend": profile.backend, "backends": list(backends),
                 "precision": profile.precision, "threads": profile.threads,
                 "measurement": profile.measurement.to_dict(),
-                "method": dict(rounds.method(), quick=bool(quick), **choice_method(profile, backends, screened)),
+                "method": dict(rounds.method(), quick=bool(quick), **choice_method(profile, backends, screened),
+                               front=front_method(bool(was_on_front))),
                 "runner": runner_settings.get(profile.backend) or next(iter(runner_settings.values())),
                 "runners": runner_settings,
                 "energy_sensor": sensor.describe() if sensor.available else {"kind": profile.energy_sensor,
@@ -461,8 +490,8 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     rows = [{"id": e, "top1": facts_for(facts, a)["accuracy"]["top1"],
              "latency_p50_ms": measurements[e]["latency_ms"]["p50"],
              "latency_ci_ms": measurements[e]["latency_noise"]["p50_ci"],
-             "memory_mb": memory_for_pareto(engine_memory_mb(measurements[e]))} for e, a in arts.items()]
-    front = noise_aware_front(rows)
+             "memory_mb": engine_memory_mb(measurements[e])} for e, a in arts.items()]
+    front = noise_aware_front(rows, previous=was_on_front)
     pareto = set(front["front"])
     for sid, others in front["tied"].items():
         measurements[sid]["tied_with"] = sorted(others)

@@ -131,26 +131,64 @@ def memory_for_pareto(memory_mb) -> float:
     return MEMORY_RESOLUTION_MB * round(mb / MEMORY_RESOLUTION_MB)
 
 
-def noise_aware_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "top1") -> dict:
-    """The measured front, where a latency difference counts only beyond the measurement noise (issue 10).
+# Latency enters the measured front at 5 % resolution on top of the p50 intervals: an interval comes from one run,
+# in which each engine is loaded once, but where an engine lands in memory moves its speed by a few % from one load
+# to the next (bench_stability, 2-core EPYC: the ratio of two engines' p50s moved by up to 4.4 % between two
+# benches whose intervals were each a fraction of that), which no interval from one run can see.
+LATENCY_RESOLUTION = 0.05
 
-    Each row: ``id``, ``top1`` (or None), ``latency_ci_ms`` = (low, high) of the p50's confidence interval,
-    ``memory_mb`` (already at ``MEMORY_RESOLUTION_MB``). An engine is dropped only when another engine is at least
-    as accurate, faster beyond the noise (its whole interval below this one's) and no bigger in memory; with any
-    accuracy unknown, accuracy is left out of the test (random-init builds: a latency/memory front). Engines on the
-    front whose intervals overlap are *tied*: the measurement cannot order them.
+
+# A re-bench moves an engine across the front only on clear evidence (hysteresis): one that was on this device's
+# front leaves it only to an engine faster by LATENCY_RESOLUTION + FRONT_STICKY_MARGIN; one that was dominated
+# comes back only when nothing is faster than it beyond its interval and by more than LATENCY_RESOLUTION -
+# FRONT_STICKY_MARGIN. bench_stability saw a pair of demo engines 8.0 % apart in one bench and 4.4 % in the next
+# (the slower one reloaded 4.7 % faster): at a single 5 % line the front changed between two runs of one build.
+FRONT_STICKY_MARGIN = 0.05
+
+
+def clearly_faster(a: Mapping[str, Any], b: Mapping[str, Any], resolution: float = LATENCY_RESOLUTION) -> bool:
+    """Whether ``a`` is faster than ``b`` beyond the noise: its whole p50 interval lies below ``b``'s and its p50
+    is lower by more than ``resolution`` (relative)."""
+    return (a["latency_ci_ms"][1] < b["latency_ci_ms"][0]
+            and a["latency_p50_ms"] < (1.0 - resolution) * b["latency_p50_ms"])
+
+
+def _mb(row: Mapping[str, Any]) -> float:
+    return max(float(row.get("memory_mb") or 0.0), 0.0)
+
+
+def noise_aware_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "top1",
+                      previous: Optional[Mapping[str, bool]] = None) -> dict:
+    """The measured front, where a difference counts only beyond the measurement's noise (issue 10).
+
+    Each row: ``id``, ``top1`` (or None), ``latency_p50_ms``, ``latency_ci_ms`` = (low, high) of the p50's
+    confidence interval, ``memory_mb``. An engine is dropped only when another engine is at least as accurate,
+    ``clearly_faster`` and no bigger in memory beyond ``MEMORY_RESOLUTION_MB`` (a tolerance, not a rounding: two
+    engines 0.2 MB apart never land on two sides of a rounding boundary). With any accuracy unknown, accuracy is
+    left out of the test (random-init builds: a latency/memory front). Engines on the front of which neither is
+    clearly faster than the other are *tied*: the measurement cannot order them.
+
+    ``previous`` (id -> was on the front, from this device's last bench): the hysteresis of
+    ``FRONT_STICKY_MARGIN``, so a re-bench changes the front only where the engines moved clearly.
 
     Returns {"front": [ids in input order], "tied": {id: [ids it is tied with]}, "dominated_by": {id: id}}.
     """
     rows = list(rows)
     use_accuracy = bool(rows) and all(_known(r.get(accuracy_key)) for r in rows)
 
+    previous = previous or {}
+
+    def resolution(b) -> float:
+        was = previous.get(b["id"])
+        return LATENCY_RESOLUTION if was is None else LATENCY_RESOLUTION + (FRONT_STICKY_MARGIN if was
+                                                                              else -FRONT_STICKY_MARGIN)
+
     def beats(a, b) -> bool:
         if a is b:
             return False
         if use_accuracy and a[accuracy_key] < b[accuracy_key]:
             return False
-        return a["latency_ci_ms"][1] < b["latency_ci_ms"][0] and a["memory_mb"] <= b["memory_mb"]
+        return clearly_faster(a, b, resolution(b)) and _mb(a) <= _mb(b) + MEMORY_RESOLUTION_MB
 
     dominated_by = {}
     for b in rows:
@@ -160,8 +198,7 @@ def noise_aware_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "to
     front = [r for r in rows if r["id"] not in dominated_by]
     tied = {}
     for a in front:
-        lo, hi = a["latency_ci_ms"]
-        others = [b["id"] for b in front if b is not a and b["latency_ci_ms"][0] <= hi and lo <= b["latency_ci_ms"][1]]
+        others = [b["id"] for b in front if b is not a and not clearly_faster(a, b) and not clearly_faster(b, a)]
         if others:
             tied[a["id"]] = others
     return {"front": [r["id"] for r in front], "tied": tied, "dominated_by": dominated_by}

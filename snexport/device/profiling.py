@@ -575,11 +575,13 @@ def profile_engine(
     x: Any = None,
     time_latency: bool = True,
     memory_runs: int = 20,
+    memory_budget_s: float = 0.5,
 ) -> dict:
     """Measure one engine: file size, cold load, RSS around load, latency, peak RSS while running.
 
     With ``time_latency=False`` this is the *memory pass* of `snexport bench`: the peak-RSS sampler thread runs
-    over ``memory_runs`` untimed runs and no latency is taken (``latency`` is None); latency is timed separately,
+    over ``memory_runs`` untimed runs (fewer, at least 3, past ``memory_budget_s``) and no latency is taken
+    (``latency`` is None); latency is timed separately,
     with nothing of ours beside it, in interleaved rounds (``snexport.device.rounds``).
 
     ``target`` is a file (opened with ``snexport.device.runtime.open_runner(path, **runner_options)``) or a factory
@@ -631,8 +633,13 @@ def profile_engine(
                     percentiles=cfg["percentiles"],
                 )
             else:
+                # Peak RSS is reached in the first runs (arenas grow once); a slow engine stops after
+                # ``memory_budget_s`` once 3 runs are done (20 DeiT-B runs were 5 s per engine and runtime).
                 latency = None
-                for _ in range(int(memory_runs)):
+                stop = time.perf_counter() + float(memory_budget_s)
+                for i in range(int(memory_runs)):
+                    if i >= 3 and time.perf_counter() > stop:
+                        break
                     runner.run(x)
         record.update(
             {
@@ -666,20 +673,26 @@ def profile_engine(
 
 
 def measure_switch(runner_a: Any, runner_b: Any, x: Any, repeats: int = 20, *, x_b: Any = None,
-                   percentiles: Iterable[float] = DEFAULT_PERCENTILES) -> dict:
+                   percentiles: Iterable[float] = DEFAULT_PERCENTILES, budget_s: Optional[float] = None,
+                   min_repeats: int = 3) -> dict:
     """Warm switch cost: time from switching to ``runner_b`` until its first result, after ``runner_a`` ran.
 
     Both runners are already loaded (the selector keeps candidates resident). Each repeat runs A, then times
     B's next call; B's steady-state latency (B right after B) is measured the same way, so
     ``switch_overhead_p50_ms`` isolates what the switch itself costs (cold caches, clocks, allocator).
+    ``budget_s``: stop after that many seconds once ``min_repeats`` are done (a repeat is three runs: 20 of
+    them cost 15 s per DeiT engine, 9 min for a 36-engine build, for an overhead lost in the runs' own noise).
     """
     if repeats < 1:
         raise ProfileError("measure_switch needs repeats >= 1")
+    deadline = None if budget_s is None else time.perf_counter() + float(budget_s)
     x_b = x if x_b is None else x_b
     runner_a.run(x)  # make sure both have done their one-time first-run work
     runner_b.run(x_b)
     switch_ms, steady_ms = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
+        if deadline is not None and i >= min_repeats and time.perf_counter() > deadline:
+            break
         runner_a.run(x)
         t0 = time.perf_counter_ns()
         runner_b.run(x_b)
@@ -690,7 +703,7 @@ def measure_switch(runner_a: Any, runner_b: Any, x: Any, repeats: int = 20, *, x
         steady_ms.append((t2 - t1) / 1e6)
     switch, steady = summarize_ms(switch_ms, percentiles), summarize_ms(steady_ms, percentiles)
     return {
-        "repeats": repeats,
+        "repeats": len(switch_ms),
         "switch": switch,
         "steady": steady,
         "switch_overhead_p50_ms": switch["p50_ms"] - steady["p50_ms"] if "p50_ms" in switch else None,

@@ -138,7 +138,8 @@ def stitch_layer_weights(model) -> list[str]:
     """Initializers read by the stitching layer's nodes, found by module scope in a freshly exported graph:
     TorchScript names nodes ``/stitch/MatMul``; dynamo records ``['', 'stitch', ...]`` in each node's
     ``pkg.torch.onnx.name_scopes``. Simplifiers rename fused nodes, so this runs before them."""
-    weights = {t.name for t in model.graph.initializer}
+    floating = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not a simplifier's shape constants
+    weights = {t.name for t in model.graph.initializer if t.data_type in floating}
     found: list[str] = []
     for node in model.graph.node:
         if _in_stitch_scope(node):

@@ -4,14 +4,19 @@ Decoupled from the SN-Net: the caller passes the stitch records and a ``material
 callable (``SNNet.materialize`` in the CLI, a dict lookup in tests).
 
 Per stitch: export → simplify → validate against PyTorch (and, only if that fails, the exporter's own graph too,
-to say which tool broke it) → write ``engines/<stem>.onnx``;
+to say which tool broke it) → write ``engines/<stem>.onnx``. A route of an SN-Net (``SNNet.materialize``) is not
+traced whole: its graph is composed from its pieces' graphs (stem, blocks, stitching layer, head), each piece
+traced and simplified once per run for all the stitches that share it (``compose.py``), and validated whole like a
+traced one; a stitch whose pieces do not compose, or whose composed graph fails validation, is traced whole.
 with ``"onnx-fp16"`` in ``formats`` also cast to FP16 → validate at the FP16 gates → ``engines/<stem>.fp16.onnx``;
 with ``"onnx-int8"`` also quantize to static int8 QDQ (``snexport.export.int8``), calibrated on ``int8_calib`` →
 validate against the FP32 file at the int8 gates → ``engines/<stem>.int8.onnx``. Validation inputs are
-``num_random`` seeded random images plus the caller's real images (``calib_images``), if any.
+``num_random`` seeded random images plus the caller's real images (``calib_images``), if any. Four random images
+by default: a graph that computes something else is off on any input, while each input costs two forward passes
+of the stitch (PyTorch and ONNX Runtime: 0.5 s for an 18-GFLOP stitch on 2 cores).
 
-Where the time goes, and why it is spent once (benchmarks/export_timing.py prints each phase): the model stays in
-memory from exporter to file — exported, simplified (weights kept out of the simplifier, see simplify.py), checked
+Where the time goes, and why it is spent once (benchmarks/export_timing.py prints each phase): pieces are traced
+and simplified once per run; the model stays in memory from exporter to file — exported, simplified (weights kept out of the simplifier, see simplify.py), checked
 for TensorRT on its weightless skeleton, serialized once; ONNX Runtime validates the serialized bytes, which are
 then written and hashed without reading the file back. What remains is the two passes the gates need (the
 PyTorch reference and the simplified model; the exported graph is run only when that check fails) and the
@@ -57,7 +62,7 @@ DERIVED = {"onnx-fp16": "fp16", "onnx-int8": "int8"}  # precisions made from the
 ENGINES_DIR = files.ENGINES_DIR
 EXPORTS_FILE = files.EXPORTS
 # Bump when this stage starts producing different files for the same settings: forces a re-export.
-STAGE_VERSION = 2  # 2: TorchScript exporter first, weights kept out of the simplifier
+STAGE_VERSION = 3  # 2: TorchScript exporter first, weights kept out of the simplifier; 3: composed from pieces
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 SMALL_GFLOPS = 0.5  # below this a stitch's reference and validation passes run on one thread (module doc)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
@@ -116,12 +121,13 @@ def export_stitches(
     formats: Sequence[str] = ("onnx",),
     progress: Optional[Callable[..., None]] = None,
     weights_hash: str = "",
-    num_random: int = 8,
+    num_random: int = 4,
     seed: int = 0,
     fp32_gates: Optional[dict] = None,
     fp16_gates: Optional[dict] = None,
     int8_calib: Any = None,
     int8_gates: Optional[dict] = None,
+    compose: bool = True,
 ) -> list[Artifact]:
     """Export, validate and record every stitch; see the module doc for resuming and failure handling.
 
@@ -130,8 +136,12 @@ def export_stitches(
     re-run after fine-tuning re-exports. ``progress`` is called once per stitch as ``progress(1, description=...)``
     (the ``advance`` of ``snexport.progress.progress_task`` fits). Gates override ``validate.FP32_GATES`` /
     ``FP16_GATES`` / ``int8.INT8_GATES``. ``int8_calib``: the float32 (N, C, H, W) images that calibrate the int8
-    files (needed with ``"onnx-int8"``).
+    files (needed with ``"onnx-int8"``). ``compose``: build a route's graph from its pieces' graphs, each piece
+    exported once for all the stitches (``compose.PieceGraphs``), where ``materialize`` gives routes of keyed
+    pieces; otherwise, and for a stitch whose pieces do not compose or whose composed graph fails validation,
+    the stitch is traced whole.
     """
+    from snexport.export.compose import PieceGraphs
     from snexport.export.int8 import INT8_GATES, RECIPE
     from snexport.export.simplify import simplifier_version
     from snexport.export.validate import FP16_GATES, FP32_GATES
@@ -171,6 +181,7 @@ def export_stitches(
     inputs_info = {"random": int(num_random), "seed": int(seed), "images": len(inputs) - int(num_random)}
     extra = {"int8": {"recipe": RECIPE, "calibration": _array_digest(int8_calib)}} if "int8" in precisions else {}
 
+    pieces = PieceGraphs(opset=opset, exporter=exporter, simplifier=simplifier) if compose else None
     results: list[Artifact] = []
     failures: dict[str, str] = {}
     for stitch in stitches:
@@ -194,7 +205,7 @@ def export_stitches(
         try:
             made = _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info, wanted, current,
                                records, opset=opset, simplifier=simplifier, simplifier_name=simplifier_name,
-                               batch=batch, exporter=exporter, gates=gates, int8_calib=int8_calib)
+                               batch=batch, exporter=exporter, gates=gates, int8_calib=int8_calib, pieces=pieces)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - one stitch's failure must not stop the others
@@ -239,7 +250,8 @@ def _array_digest(array) -> str:
 
 
 def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info, wanted, current, records, *,
-                opset, simplifier, simplifier_name, batch, exporter, gates, int8_calib=None) -> list[Artifact]:
+                opset, simplifier, simplifier_name, batch, exporter, gates, int8_calib=None,
+                pieces=None) -> list[Artifact]:
     """Export one stitch's missing/stale artifacts; returns all of its artifacts (reused ones included)."""
     from snexport.export.validate import reference_logits
 
@@ -258,7 +270,7 @@ def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info
         art32, bytes32, logits32 = _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, reference,
                                                 shipped, hash32, rel32, threads, clock, opset=opset,
                                                 simplifier=simplifier, simplifier_name=simplifier_name, batch=batch,
-                                                exporter=exporter, gates32=gates["fp32"])
+                                                exporter=exporter, gates32=gates["fp32"], pieces=pieces)
     made.append(art32)
     del module
     for precision in ("fp16", "int8"):
@@ -289,29 +301,61 @@ def _export_one(build_dir, stitch, materialize, input_shape, inputs, inputs_info
 
 
 def _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, reference, shipped, hash32, rel32,
-                 threads, clock, *, opset, simplifier, simplifier_name, batch, exporter, gates32):
-    """Export → validate → simplify → validate → TensorRT check → write; returns (artifact, bytes, ORT logits)."""
+                 threads, clock, *, opset, simplifier, simplifier_name, batch, exporter, gates32, pieces=None):
+    """Export (composed from pieces, else traced whole) → simplify → validate → TensorRT check → write; returns
+    (artifact, bytes, ORT logits)."""
+    from snexport.export.compose import NotComposable, composable
     from snexport.export.int8 import FLOAT_WEIGHTS_KEY, stitch_layer_weights
     from snexport.export.onnx_export import export_model
     from snexport.export.simplify import simplify_model
     from snexport.export.trt_compat import check_tensorrt_compat
     from snexport.export.validate import torch_threads, validate_onnx, validate_outputs
 
+    model = raw = composed = None
     with clock("export"), torch_threads(threads):
-        # raw: the exporter's own bytes of the graph (no metadata yet): validated as they are, not re-serialized.
-        model, info, raw = export_model(module, input_shape, batch=batch, opset=opset, exporter=exporter,
-                                        metadata=_metadata(stitch, "fp32", hash32), with_bytes=True)
-        # Named while node names still carry module scopes (simplifiers rename what they fuse): what an int8
-        # variant keeps float, read from this file's metadata whenever one is made (int8.py).
-        _set_metadata(model, {FLOAT_WEIGHTS_KEY: json.dumps(stitch_layer_weights(model))})
+        if pieces is not None and composable(module):
+            try:
+                # Its pieces were simplified when they were first exported (compose.py).
+                composed, info = pieces.compose(module, input_shape, batch=batch,
+                                                metadata=_metadata(stitch, "fp32", hash32))
+                clock.add("trace_pieces", info["pieces_traced_s"])  # shared work, shown apart from this stitch's
+                model = composed.skeleton()
+            except NotComposable as exc:
+                log.info("%s is traced whole: %s", stitch.id, exc)
+        if model is None:
+            # raw: the exporter's own bytes of the graph (no metadata yet): validated as they are, not re-serialized.
+            model, info, raw = export_model(module, input_shape, batch=batch, opset=opset, exporter=exporter,
+                                            metadata=_metadata(stitch, "fp32", hash32), with_bytes=True)
+        # Named while node names still carry module scopes (simplifiers rename what they fuse; composed graphs
+        # name each piece's nodes by its place in the route): what an int8 variant keeps float, read from this
+        # file's metadata whenever one is made (int8.py).
+        float_weights = {FLOAT_WEIGHTS_KEY: json.dumps(stitch_layer_weights(model))}
+        _set_metadata(model, float_weights)
     with clock("simplify"):
-        model = simplify_model(model, simplifier, label=stitch.id)
-        data = model.SerializeToString()
+        if composed is not None:
+            _set_metadata(composed.model, float_weights)
+            data = composed.serialize()  # spliced from the pieces' serialized weights (compose.py)
+            del composed
+        else:
+            model = simplify_model(model, simplifier, label=stitch.id)
+            data = model.SerializeToString()
+    writer = _WriteBehind(build_dir / rel32, data)  # written and hashed while it is validated
     with clock("validate_simplified"):
         try:
             figures, logits = validate_outputs(data, reference, inputs, stitch_id=stitch.id, threads=threads,
                                                **gates32)
-        except ExportValidationError as exc:
+        except BaseException as exc:
+            writer.abandon()
+            if not isinstance(exc, ExportValidationError):
+                raise
+            if raw is None:  # composed: the whole-stitch trace is the reference way; it says what broke, if anything
+                log.warning("%s: the graph composed from its pieces failed validation (%s); tracing it whole",
+                            stitch.id, exc)
+                del model, data
+                return _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, reference, shipped,
+                                    hash32, rel32, threads, clock, opset=opset, simplifier=simplifier,
+                                    simplifier_name=simplifier_name, batch=batch, exporter=exporter,
+                                    gates32=gates32, pieces=None)
             # Only a failing file pays for a run of the exporter's own graph: it says which tool broke the model.
             # (Validating it first, always, cost a third full pass per stitch: 14.5 of 57 s for an 18-GFLOP one.)
             validate_onnx(raw, reference, inputs, stitch_id=f"{stitch.id} (as exported, before simplifying)",
@@ -319,18 +363,25 @@ def _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, re
             raise ExportValidationError(f"{stitch.id} (the exported graph passed; {simplifier} broke it: retry "
                                         "with another --simplifier)", exc.failures) from None
     del raw
-    with clock("tensorrt_check"):
-        compat = check_tensorrt_compat(_to_skeleton(model))
+    try:
+        with clock("tensorrt_check"):
+            compat = check_tensorrt_compat(_to_skeleton(model))
+    except BaseException:
+        writer.abandon()
+        raise
     del model
     with clock("write_and_hash"):
-        _write_file(build_dir / rel32, data)
+        sha = writer.finish()
         figures.update(
             fallback_reason=info["fallback_reason"],
             tensorrt_compat={k: compat[k] for k in ("ok", "target", "unsupported", "warnings")},
             inputs=inputs_info,
         )
+        if "composed_from" in info:
+            figures["composed_from_pieces"] = info["composed_from"]
+            figures["pieces_traced"] = info["pieces_traced"]
         art = _artifact(build_dir, stitch.id, rel32, "fp32", info, simplifier_name, figures, hash32, shipped,
-                        data=data)
+                        data=data, sha256=sha)
     art.validation["seconds"] = clock.seconds  # per phase (benchmarks/export_timing.py); not part of any hash
     return art, data, logits
 
@@ -397,20 +448,14 @@ def _to_skeleton(model):
     """Turn ``model`` (already serialized, not needed whole again) into its skeleton, in place: every large
     initializer becomes a stub pointing at external data that is never read. That is all a check of ops, dtypes
     and shapes needs, and shape inference on it does not copy the weights twice."""
-    import onnx
+    from snexport.export.compose import SPLICE_MIN_BYTES, weightless_stub
 
     g = model.graph
-    big = [t for t in g.initializer if len(t.raw_data) >= 4096]
-    small = [t for t in g.initializer if len(t.raw_data) < 4096]
+    big = [t for t in g.initializer if len(t.raw_data) >= SPLICE_MIN_BYTES]
+    small = [t for t in g.initializer if len(t.raw_data) < SPLICE_MIN_BYTES]
     del g.initializer[:]
     g.initializer.extend(small)
-    for t in big:
-        stub = g.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "weights-not-loaded"
+    g.initializer.extend(weightless_stub(t) for t in big)
     return model
 
 
@@ -419,14 +464,62 @@ class _Clock:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._inner = 0.0
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
         start = time.perf_counter()
+        self._inner = 0.0
         try:
             yield
         finally:
-            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - start, 3)
+            spent = time.perf_counter() - start - self._inner
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + spent, 3)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Book ``seconds`` spent inside the running phase to ``phase`` instead."""
+        self._inner += seconds
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 3)
+
+
+class _WriteBehind:
+    """Writes ``data`` to a temp file next to ``final`` and hashes it in a thread, while the caller validates the
+    same bytes (file I/O and sha256 release the GIL: 0.7-1 s of a 350 MB stitch's export hidden behind ONNX
+    Runtime). ``finish()`` puts the file at its name, complete (fsync, rename), and returns its sha256;
+    ``abandon()`` deletes it. The file only ever reaches ``final`` through ``finish``."""
+
+    def __init__(self, final: Path, data: bytes):
+        import threading
+
+        self.final, self.tmp = final, temp_path_for(final)
+        self._error: Optional[BaseException] = None
+        self._sha: Optional[str] = None
+        self._thread = threading.Thread(target=self._run, args=(data,), name="snexport-write", daemon=True)
+        self._thread.start()
+
+    def _run(self, data: bytes) -> None:
+        try:
+            with open(self.tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._sha = sha256_bytes(data)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread by finish()
+            self._error = exc
+
+    def finish(self) -> str:
+        self._thread.join()
+        try:
+            if self._error is not None:
+                raise self._error
+            commit(self.tmp, self.final)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return self._sha
+
+    def abandon(self) -> None:
+        self._thread.join()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _write_file(final: Path, data: bytes) -> None:
@@ -486,8 +579,9 @@ def _set_metadata(model, metadata: dict) -> None:
 
 
 def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figures, settings_hash, reference: dict,
-              source_sha256: str = "", data: Optional[bytes] = None) -> Artifact:
-    """The record of the file at ``rel``; ``data``: its bytes as just written (hashed here instead of re-read)."""
+              source_sha256: str = "", data: Optional[bytes] = None, sha256: Optional[str] = None) -> Artifact:
+    """The record of the file at ``rel``; ``data``: its bytes as just written (hashed here instead of re-read,
+    unless ``sha256`` is given too)."""
     import onnxruntime
 
     path = build_dir / rel
@@ -501,7 +595,7 @@ def _artifact(build_dir, stitch_id, rel, precision, info, simplifier_name, figur
         format="onnx",
         precision=precision,
         size_bytes=len(data) if data is not None else path.stat().st_size,
-        sha256=sha256_bytes(data) if data is not None else sha256_file(path),
+        sha256=sha256 or (sha256_bytes(data) if data is not None else sha256_file(path)),
         input_name=info["input_name"],
         input_shape=tuple(info["input_shape"]),
         input_dtype="float32",  # FP16 models keep FP32 I/O (see fp16.py)

@@ -32,8 +32,12 @@ class StitchedNet(nn.Module):
 
     def __init__(self, embed: nn.Module, front_blocks: Iterable[nn.Module], stitch: Optional[nn.Module],
                  back_blocks: Iterable[nn.Module], head: nn.Module, stitch_id: str = "",
-                 middle: Iterable[tuple[Iterable[nn.Module], nn.Module]] = ()):
+                 middle: Iterable[tuple[Iterable[nn.Module], nn.Module]] = (),
+                 piece_keys: Optional[Iterable[str]] = None):
         super().__init__()
+        # What each of ``pieces()`` is, the same string for the same submodule in every route of one SN-Net
+        # ("deit_b#unit4", "layer#a0_a1_l3"): the export stage exports each piece once and composes routes of them.
+        self.piece_keys = list(piece_keys) if piece_keys is not None else None
         self.embed = embed
         self.front_blocks = nn.Sequential(*front_blocks)
         self.stitch = stitch if stitch is not None else nn.Identity()
@@ -43,6 +47,23 @@ class StitchedNet(nn.Module):
         self.back_blocks = nn.Sequential(*back_blocks)
         self.head = head
         self.stitch_id = stitch_id
+
+    def pieces(self) -> list[tuple[str, Optional[str], nn.Module]]:
+        """The route as a chain in forward order, ``forward`` being their composition: (attribute path, piece
+        key or None, module). Identity layers (an anchor's absent stitch) are left out."""
+        chain = [("embed", self.embed)]
+        chain += [(f"front_blocks.{i}", m) for i, m in enumerate(self.front_blocks)]
+        chain.append(("stitch", self.stitch))
+        for h, (units, layer) in enumerate(zip(self.middle, self.stitches)):
+            chain += [(f"middle.{h}.{i}", m) for i, m in enumerate(units)]
+            chain.append((f"stitches.{h}", layer))
+        chain += [(f"back_blocks.{i}", m) for i, m in enumerate(self.back_blocks)]
+        chain.append(("head", self.head))
+        if self.piece_keys is not None and len(self.piece_keys) != len(chain) - isinstance(self.stitch, nn.Identity):
+            raise ValueError(f"{self.stitch_id}: {len(self.piece_keys)} piece keys for {len(chain)} pieces")
+        keys = iter(self.piece_keys or ())
+        return [(path, next(keys, None), m) for path, m in chain
+                if not (path == "stitch" and isinstance(m, nn.Identity))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -127,14 +148,21 @@ class SNNet(nn.Module):
         s = self.plan.get(stitch_id)
         if s.is_anchor:
             model, fam = self.anchors[self._index[s.front]], family_of(self.plan.anchor(s.front))
-            return StitchedNet(fam.stem(model), fam.units(model), None, [], fam.head(model), s.id)
+            units = fam.units(model)
+            keys = [f"{s.front}#stem", *(f"{s.front}#unit{k}" for k in range(len(units))), f"{s.front}#head"]
+            return StitchedNet(fam.stem(model), units, None, [], fam.head(model), s.id, piece_keys=keys)
         hops = s.route
         pieces = []  # per hop: its units; between hops: the stitching layer
+        unit_keys = []
         for i, (name, first, last) in enumerate(hops):
             model = self.anchors[self._index[name]]
             units = family_of(self.plan.anchor(name)).units(model)
-            pieces.append(units[first:] if last is None else units[first:last + 1])
-        layers = [self.stitch_layers[self._key(j.front, j.back, j.layer)] for j in self.plan.junctions(s)]
+            end = len(units) if last is None else last + 1
+            pieces.append(units[first:end])
+            unit_keys.append([f"{name}#unit{k}" for k in range(first, end)])
+        junctions = self.plan.junctions(s)
+        layers = [self.stitch_layers[self._key(j.front, j.back, j.layer)] for j in junctions]
+        layer_keys = [f"layer#{self._key(j.front, j.back, j.layer)}" for j in junctions]
         middle = list(zip(pieces[1:-1], layers[1:]))  # inner hop's units, then the layer leaving it
         first_name, last_name = hops[0][0], hops[-1][0]
         first_model, last_model = self.anchors[self._index[first_name]], self.anchors[self._index[last_name]]
@@ -142,8 +170,12 @@ class SNNet(nn.Module):
         # SN-Net v1 DeiT ends stitched routes without the final norm (plan setting final_norm = False).
         head = (last_family.head(last_model) if self.plan.settings.final_norm
                 else last_family.head(last_model, final_norm=False))
+        keys = [f"{first_name}#stem", *unit_keys[0], layer_keys[0]]
+        for hop_units, layer in zip(unit_keys[1:-1], layer_keys[1:]):
+            keys += [*hop_units, layer]
+        keys += [*unit_keys[-1], f"{last_name}#head" + ("" if self.plan.settings.final_norm else "-without-norm")]
         return StitchedNet(family_of(self.plan.anchor(first_name)).stem(first_model), pieces[0], layers[0],
-                           pieces[-1], head, s.id, middle=middle)
+                           pieces[-1], head, s.id, middle=middle, piece_keys=keys)
 
     @property
     def config_ids(self) -> list[str]:
