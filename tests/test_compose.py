@@ -135,3 +135,22 @@ def test_modules_without_pieces_are_traced_whole(v2_net, tmp_path):
     module.piece_keys = None  # a module from elsewhere: no keyed pieces
     [art] = export_stitches(tmp_path, [v2_net.plan.get(sid)], lambda _: module, SHAPE)
     assert "composed_from_pieces" not in art.validation and art.validation["top1_agreement"] == 1.0
+
+
+def test_a_piece_that_cannot_be_traced_alone_makes_its_stitches_traced_whole(v2_net, tmp_path, monkeypatch):
+    from snexport.errors import SnexportError
+
+    real, tries = PieceGraphs._export_piece, []
+
+    def refuse_heads(self, piece, shape, label):
+        if "#head" in label:
+            tries.append(label)
+            raise SnexportError(f"{label}: TorchScript ONNX export failed")
+        return real(self, piece, shape, label)
+
+    monkeypatch.setattr(PieceGraphs, "_export_piece", refuse_heads)
+    ids = ["demo_s:2>demo_m:3", "demo_s:1>demo_m:2"]  # both end in demo_m's head
+    arts = export_stitches(tmp_path, [v2_net.plan.get(i) for i in ids], v2_net.materialize, SHAPE)
+    assert [a.stitch_id for a in arts] == ids
+    assert all("composed_from_pieces" not in a.validation and a.validation["top1_agreement"] == 1.0 for a in arts)
+    assert len(tries) == 1  # the refusal is remembered for the run, not retried per stitch

@@ -47,6 +47,7 @@ class PieceGraphs:
     def __init__(self, *, opset: int, exporter: str, simplifier: str):
         self.opset, self.exporter, self.simplifier = int(opset), exporter, simplifier
         self._graphs: dict[tuple, Any] = {}
+        self._refused: dict[tuple, str] = {}  # pieces that cannot be traced or simplified alone, and why
         self.kind: Optional[str] = None  # the exporter that made the pieces (the first one's)
         self.fallback_reason: Optional[str] = None
 
@@ -71,8 +72,15 @@ class PieceGraphs:
             if key is None:
                 raise NotComposable(f"piece {path} has no key")
             cached = self._graphs.get((key, shape))
+            if (key, shape) in self._refused:
+                raise NotComposable(self._refused[(key, shape)])
             if cached is None:
-                cached = self._graphs[(key, shape)] = self._export_piece(piece, shape, label=f"{key} {shape}")
+                try:
+                    cached = self._export_piece(piece, shape, label=f"{key} {shape}")
+                except SnexportError as exc:  # the stitch is traced whole; its own errors are the ones to report
+                    self._refused[(key, shape)] = f"piece {key} {shape}: {exc}"
+                    raise NotComposable(self._refused[(key, shape)]) from None
+                self._graphs[(key, shape)] = cached
                 traced += 1
             graphs.append((path, cached))
             # The next piece's input: this one's static output shape (no forward pass for pieces met before).
