@@ -63,19 +63,26 @@ def thread_candidates(profile, backend: str) -> list[int]:
     return sorted({1, default_threads()})
 
 
-def previous_choices(build, device_key: str) -> dict[str, tuple]:
-    """Engine id -> (backend, threads) that this device's last bench chose, from the manifest (empty if none)."""
+def previous_measurements(build, device_key: str) -> dict[str, dict]:
+    """Engine id -> this device's measurement from the last bench, as the manifest holds it (empty if none)."""
     from snexport.device.manifest import engine_ids, read_manifest
 
     if not build.manifest_path.is_file():
         return {}
     doc = read_manifest(build.manifest_path)
-    out = {}
-    for engine_id, entry in zip(engine_ids(doc["engines"]), doc["engines"]):
-        m = entry["measurements"].get(device_key) or {}
-        if m.get("backend"):
-            out[engine_id] = (m["backend"], m.get("threads"))
-    return out
+    return {engine_id: entry["measurements"][device_key]
+            for engine_id, entry in zip(engine_ids(doc["engines"]), doc["engines"])
+            if entry["measurements"].get(device_key)}
+
+
+def previous_choices(previous: dict[str, dict]) -> dict[str, tuple]:
+    """Engine id -> (backend, threads) that the last bench chose (``previous_measurements``)."""
+    return {e: (m["backend"], m.get("threads")) for e, m in previous.items() if m.get("backend")}
+
+
+def previous_front(previous: dict[str, dict]) -> dict[str, bool]:
+    """Engine id -> whether it was on the last bench's measured front (``previous_measurements``)."""
+    return {e: bool(m.get("pareto")) for e, m in previous.items()}
 
 
 # Seconds of warm-switch measurement per engine once 3 switches are timed (profiling.measure_switch).
@@ -90,18 +97,6 @@ def front_method(rebench: bool) -> dict:
                     "by more than the latency resolution, and no bigger in memory beyond the memory resolution",
             "latency_resolution": LATENCY_RESOLUTION, "memory_resolution_mb": MEMORY_RESOLUTION_MB,
             "rebench_margin": FRONT_STICKY_MARGIN if rebench else None}
-
-
-def previous_front(build, device_key: str) -> dict[str, bool]:
-    """Engine id -> whether it was on this device's measured front in the last bench (empty if none)."""
-    from snexport.device.manifest import engine_ids, read_manifest
-
-    if not build.manifest_path.is_file():
-        return {}
-    doc = read_manifest(build.manifest_path)
-    return {engine_id: bool(entry["measurements"][device_key].get("pareto"))
-            for engine_id, entry in zip(engine_ids(doc["engines"]), doc["engines"])
-            if device_key in entry["measurements"]}
 
 
 def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, preference: Sequence[str],
@@ -403,9 +398,10 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     def make_factory(k, threads):
         return _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=threads)
 
-    was_on_front = previous_front(build, key)  # read before this bench rewrites the manifest
+    previous = previous_measurements(build, key)  # read before this bench rewrites the manifest
+    was_on_front = previous_front(previous)
     threads, chosen, screened = screen_engines(keyed, make_factory, candidates, backends, show_progress,
-                                               previous=previous_choices(build, key))
+                                               previous=previous_choices(previous))
     factories = {k: make_factory(k, threads[k]) for k in keyed}
     picked = {e: next(k for k, (ke, b, _) in keyed.items() if ke == e and b == chosen[e]) for e in engines}
     # 2. Cold load and memory, one engine at a time (the RSS sampler thread runs here, never beside the clock).

@@ -180,8 +180,9 @@ def noise_aware_front(rows: Sequence[Mapping[str, Any]], accuracy_key: str = "to
 
     def resolution(b) -> float:
         was = previous.get(b["id"])
-        return LATENCY_RESOLUTION if was is None else LATENCY_RESOLUTION + (FRONT_STICKY_MARGIN if was
-                                                                              else -FRONT_STICKY_MARGIN)
+        if was is None:  # not measured before: no history to keep
+            return LATENCY_RESOLUTION
+        return LATENCY_RESOLUTION + FRONT_STICKY_MARGIN if was else LATENCY_RESOLUTION - FRONT_STICKY_MARGIN
 
     def beats(a, b) -> bool:
         if a is b:

@@ -21,13 +21,11 @@ whole stitch); a piece that does not compose (several inputs, a subgraph or a lo
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 from snexport.errors import SnexportError
 
-log = logging.getLogger("snexport.export")
 _WRAPPER_SCOPE = "/0"  # TorchScript's scope of the piece inside the Sequential it is traced in
 
 
@@ -71,9 +69,9 @@ class PieceGraphs:
         for path, key, piece in module.pieces():
             if key is None:
                 raise NotComposable(f"piece {path} has no key")
-            cached = self._graphs.get((key, shape))
             if (key, shape) in self._refused:
                 raise NotComposable(self._refused[(key, shape)])
+            cached = self._graphs.get((key, shape))
             if cached is None:
                 try:
                     cached = self._export_piece(piece, shape, label=f"{key} {shape}")

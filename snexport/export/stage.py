@@ -16,8 +16,8 @@ by default: a graph that computes something else is off on any input, while each
 of the stitch (PyTorch and ONNX Runtime: 0.5 s for an 18-GFLOP stitch on 2 cores).
 
 Where the time goes, and why it is spent once (benchmarks/export_timing.py prints each phase): pieces are traced
-and simplified once per run; the model stays in memory from exporter to file — exported, simplified (weights kept out of the simplifier, see simplify.py), checked
-for TensorRT on its weightless skeleton, serialized once; ONNX Runtime validates the serialized bytes, which are
+and simplified once per run; the model stays in memory from exporter to file — exported, simplified (weights
+kept out of the simplifier, see simplify.py), checked for TensorRT on its weightless skeleton, serialized once; ONNX Runtime validates the serialized bytes, which are
 then written and hashed without reading the file back. What remains is the two passes the gates need (the
 PyTorch reference and the simplified model; the exported graph is run only when that check fails) and the
 exporter's trace (a forward pass of its own). Models of less than
