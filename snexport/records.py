@@ -170,5 +170,6 @@ class Artifact(_Record):
     weights_size_bytes: Optional[int] = None  # size of weights_file (the manifest's weights_size_bytes)
     weights_used_bytes: Optional[int] = None  # distinct bytes of weights_file this engine references
     # FP32 PyTorch outputs shipped with the engine (inputs, logits: .npy files and their sha256), so an engine
-    # built on the device is validated there without torch: {"inputs", "inputs_sha256", "logits", "logits_sha256"}
+    # built on the device is validated there without torch: {"inputs", "inputs_sha256", "logits", "logits_sha256"},
+    # and for an FP32 file its own ONNX Runtime outputs on those inputs ("onnx_logits", "onnx_logits_sha256")
     reference: dict = field(default_factory=dict)

@@ -200,6 +200,37 @@ def test_every_packed_file_loads_alone_and_matches_its_standalone_file(build, tm
         assert figures["alone"]["bitwise_equal"] and figures["shared"]["cosine"] > 0.99999
 
 
+def test_packs_check_against_the_outputs_the_export_recorded(build):
+    """The export records each FP32 file's own ORT outputs on the shipped inputs; the pack is checked against them
+    (no session of the standalone file). Outputs that are not the file's fail the check; recorded outputs that are
+    missing or altered make the check run the standalone file instead."""
+    import dataclasses
+
+    from snexport.device.pack import exported_outputs
+    from snexport.hashing import sha256_file
+
+    root = build["root"]
+    for packed, art in zip(build["packed"], build["standalone"]):
+        recorded = exported_outputs(root, art, 2)
+        assert (recorded is not None) == (art.precision == "fp32")
+        if recorded is not None:  # what the check compared with: this file's outputs, not a run of it here
+            np.testing.assert_allclose(run_onnx(root / art.file, recorded[0]), recorded[1], rtol=1e-5, atol=1e-5)
+        assert packed.validation["pack"]["compared_with"] == (
+            "exported outputs" if art.precision == "fp32" else "standalone file run here")
+    art = fp32(build["standalone"])[0]
+    inputs, logits = exported_outputs(root, art, 2)
+    wrong = root / "engines" / "reference" / "wrong.onnx-logits.npy"
+    np.save(wrong, logits + 1.0)
+    told = dataclasses.replace(art, reference=dict(art.reference, onnx_logits="engines/reference/wrong.onnx-logits.npy",
+                                                   onnx_logits_sha256=sha256_file(wrong)))
+    with pytest.raises(ExportValidationError, match="packed file loaded alone"):
+        pack_stitches(root, [told], pack_dir="engines/wrong")
+    altered = dataclasses.replace(told, reference=dict(told.reference, onnx_logits_sha256="0" * 64))
+    assert exported_outputs(root, altered, 2) is None
+    again = pack_stitches(root, [altered], pack_dir="engines/fallback")
+    assert again[0].validation["pack"]["compared_with"] == "standalone file run here"
+
+
 def test_rerun_with_the_same_inputs_reuses_the_pack(build):
     root = build["root"]
     before = {p: p.stat().st_mtime_ns for p in (root / "engines" / "pack").iterdir()}
@@ -215,6 +246,10 @@ def test_stale_or_foreign_inputs_are_refused(build, tmp_path):
     changed = dataclasses.replace(art, sha256="0" * 64)
     with pytest.raises(PackError, match="differs from its export record"):
         pack_stitches(build["root"], [changed], pack_dir="engines/other")
+    # The export stage vouches for the hashes it just took (verified): the size is still checked.
+    with pytest.raises(PackError, match="differs from its export record"):
+        pack_stitches(build["root"], [dataclasses.replace(art, size_bytes=art.size_bytes + 1)],
+                      pack_dir="engines/other", verified=True)
     with pytest.raises(PackError, match="only ONNX"):
         pack_stitches(build["root"], [dataclasses.replace(art, format="tensorrt")], pack_dir="engines/other")
     with pytest.raises(PackError, match="power of two"):

@@ -278,6 +278,13 @@ def test_slow_engines_stop_switching_and_memory_runs_at_their_budget(matmul_onnx
         slow_b = _Slow(b, 0.02)
         result = measure_switch(a, slow_b, x, repeats=20, budget_s=0.05)
         assert result["repeats"] == 3 and slow_b.runs == 1 + 2 * 3  # at least 3 switches, then the budget stops it
+        primed = measure_switch(a, slow_b, x, repeats=20, budget_s=0.05, primed=True)
+        assert primed["repeats"] == 3 and slow_b.runs == 7 + 2 * 3  # runners that already ran: no first runs
+        # B's steady state given (bench's rounds): each repeat is A then one timed B, the overhead against it.
+        given = measure_switch(a, slow_b, x, repeats=20, budget_s=0.05, primed=True, steady={"p50_ms": 1.0})
+        assert given["repeats"] == 3 and slow_b.runs == 13 + 3 and given["steady"] == {"p50_ms": 1.0}
+        assert given["switch_overhead_p50_ms"] == pytest.approx(given["switch"]["p50_ms"] - 1.0)
+        assert given["switch"]["p50_ms"] >= 20.0
         fast = measure_switch(a, b, x, repeats=20, budget_s=5.0)
         assert fast["repeats"] == 20  # the budget only cuts slow engines
     made = []
@@ -287,7 +294,7 @@ def test_slow_engines_stop_switching_and_memory_runs_at_their_budget(matmul_onnx
         return made[-1]
 
     stats = profile_engine(factory, time_latency=False, memory_runs=20, memory_budget_s=0.01)
-    assert made[0].runs == 1 + 3 and stats["memory"]["rss_peak_during_runs_bytes"] > 0
+    assert made[0].runs == 1 + 2 and stats["memory"]["rss_peak_during_runs_bytes"] > 0
 
 
 def test_measure_switch(matmul_onnx):

@@ -234,7 +234,7 @@ def test_warmup_is_at_most_a_third_of_a_block():
 def test_screening_times_variants_in_alternation_and_picks_within_tolerance():
     m = FakeMachine({"ort1": 0.40, "ort2": 0.60, "ov1": 0.30, "ov2": 0.50})
     figures = screen_variants({k: m.run(k) for k in m.costs_ms}, passes=6, warmup=2, block_s=0.02, seed=1,
-                              clock=m.clock)
+                              drop_above=10.0, clock=m.clock)
     for k, cost in m.costs_ms.items():
         assert figures[k]["p50_ms"] == pytest.approx(cost) and figures[k]["rounds"] == 6
     # Alternation: the variants' blocks interleave (every pass visits every variant), not one variant's passes in a row.
@@ -254,14 +254,48 @@ def test_screening_times_variants_in_alternation_and_picks_within_tolerance():
 
 
 def test_screening_of_slow_variants_shrinks_to_its_budget():
-    slow = FakeMachine({"one": 200.0, "two": 120.0})  # DeiT-B-like runs: 0.1-0.2 s each
+    slow = FakeMachine({"one": 200.0, "two": 180.0})  # DeiT-B-like runs: 0.1-0.2 s each
     figures = screen_variants({k: slow.run(k) for k in slow.costs_ms}, passes=10, budget_s=1.5, min_passes=3,
                               clock=slow.clock)
-    assert all(f["rounds"] == 3 for f in figures.values())  # the first pass alone took ~1 s
+    assert all(f["rounds"] == 3 and not f["dropped"] for f in figures.values())  # the first pass alone took ~1 s
     assert slow.now_ns / 1e9 < 4.0
     fast = FakeMachine({"one": 0.3, "two": 0.2})
     figures = screen_variants({k: fast.run(k) for k in fast.costs_ms}, passes=10, clock=fast.clock)
     assert all(f["rounds"] == 10 for f in figures.values())
+
+
+def test_screening_stops_timing_a_variant_far_slower_after_its_first_pass():
+    """One thread of a DeiT-S/B engine on 2 cores runs ~1.8x slower: it cannot come within any tolerance a choice
+    uses, so after the first pass only the variants within SCREEN_DROP_ABOVE of the fastest are timed."""
+    from snexport.device.rounds import SCREEN_DROP_ABOVE
+
+    costs = {"ort1": 300.0, "ort2": 165.0, "ov1": 290.0, "ov2": 160.0, "ov2b": 160.0 * (SCREEN_DROP_ABOVE - 0.1)}
+    m = FakeMachine(costs)
+    figures = screen_variants({k: m.run(k) for k in costs}, passes=10, warmup=2, budget_s=1.5, min_passes=3,
+                              clock=m.clock)
+    for k in ("ort1", "ov1"):  # dropped: two warm-ups and one timed run, their first pass's figures
+        assert figures[k]["dropped"] and figures[k]["rounds"] == 1 and m.calls[k] == 3
+    for k in ("ort2", "ov2", "ov2b"):  # within the factor: timed in every pass
+        assert not figures[k]["dropped"] and figures[k]["rounds"] == 3
+    for k, cost in costs.items():  # paired figures stay on one scale, dropped or not
+        assert figures[k]["paired_ms"] == pytest.approx(cost, rel=1e-6)
+    assert pick_within({k: f["paired_ms"] for k, f in figures.items()}, list(costs)) == "ort2"
+    # Without the drop the same screening takes 40 % longer.
+    unbounded = FakeMachine(costs)
+    screen_variants({k: unbounded.run(k) for k in costs}, passes=10, warmup=2, budget_s=1.5, min_passes=3,
+                    drop_above=float("inf"), clock=unbounded.clock)
+    assert unbounded.now_ns > 1.35 * m.now_ns
+
+
+def test_calibration_of_a_slow_engine_stops_at_its_budget():
+    from snexport.device.rounds import calibrate
+
+    slow = FakeMachine({"b": 200.0})  # a DeiT-B run: 10 warm-ups and 5 timed runs would take 3 s
+    assert calibrate(slow.run("b"), warmup=10, clock=slow.clock, budget_s=0.5) == pytest.approx(0.2)
+    assert slow.calls["b"] == 3 + 3  # warm-up past 0.5 s after 3 runs; 3 timed runs past it too
+    fast = FakeMachine({"d": 0.3})  # a demo engine: the full warm-up and 5 timed runs
+    assert calibrate(fast.run("d"), warmup=10, clock=fast.clock, budget_s=0.5) == pytest.approx(0.0003)
+    assert fast.calls["d"] == 15
 
 
 def test_a_rebench_keeps_the_previous_choice_unless_clearly_beaten(monkeypatch):
@@ -290,17 +324,73 @@ def test_a_rebench_keeps_the_previous_choice_unless_clearly_beaten(monkeypatch):
             pass
 
     monkeypatch.setattr(rounds, "screen_variants", fake_screen)
-    art = SimpleNamespace(input_shape=(1, 1, 8, 8))
+    art = SimpleNamespace(input_shape=(1, 1, 8, 8), precision="fp32")
     keyed = {"e@onnxruntime": ("e", "onnxruntime", art), "e@openvino": ("e", "openvino", art)}
     candidates = {k: [1, 2] for k in keyed}
     factory = lambda k, t: Runner  # noqa: E731
     order = ["onnxruntime", "openvino"]
-    threads, chosen, _ = screen_engines(keyed, factory, candidates, order, show_progress=False)
-    assert chosen == {"e": "openvino"} and threads == {"e@onnxruntime": 1, "e@openvino": 1}
-    _, chosen, _ = screen_engines(keyed, factory, candidates, order, show_progress=False,
-                                  previous={"e": ("onnxruntime", 1)})
-    assert chosen == {"e": "onnxruntime"}  # 12 % < 10 % + 5 %: kept
+    found = screen_engines(keyed, factory, candidates, order, show_progress=False)
+    assert found.chosen == {"e": "openvino"} and found.threads == {"e@onnxruntime": 1, "e@openvino": 1}
+    found = screen_engines(keyed, factory, candidates, order, show_progress=False, previous={"e": ("onnxruntime", 1)})
+    assert found.chosen == {"e": "onnxruntime"}  # 12 % < 10 % + 5 %: kept
     paired[("e@onnxruntime", 1)] = 1.25
-    _, chosen, _ = screen_engines(keyed, factory, candidates, order, show_progress=False,
-                                  previous={"e": ("onnxruntime", 1)})
-    assert chosen == {"e": "openvino"}  # 25 %: clearly beaten, the choice moves
+    found = screen_engines(keyed, factory, candidates, order, show_progress=False, previous={"e": ("onnxruntime", 1)})
+    assert found.chosen == {"e": "openvino"}  # 25 %: clearly beaten, the choice moves
+
+
+def test_screening_stops_trying_one_thread_on_bigger_engines_once_it_lost_clearly(monkeypatch):
+    """Engines are screened smallest first; once one thread of a runtime was dropped (far slower) on an engine,
+    bigger engines on that runtime are screened with every core only, and an engine left with one way to run is
+    not loaded at all."""
+    from types import SimpleNamespace
+
+    import snexport.device.rounds as rounds
+    from snexport.device.bench import screen_engines
+
+    seen = []
+
+    def fake_screen(variants, **_):
+        seen.append(sorted(variants))
+        out = {}
+        for key, t in variants:
+            engine = key.split("@")[0]
+            lost = t == 1 and engine != "small" and key.endswith("onnxruntime")  # one thread far slower
+            out[(key, t)] = {"p50_ms": 2.0 if lost else 1.0, "p50_ci_ms": [1.0, 1.0], "paired_ms": 2.0 if lost else 1.0,
+                             "dropped": lost}
+        return out
+
+    loads = []
+
+    def factory(k, t):
+        class Runner:
+            def load(self):
+                loads.append((k, t))
+
+            def run(self, x):
+                return x
+
+            def close(self):
+                pass
+        return Runner
+
+    monkeypatch.setattr(rounds, "screen_variants", fake_screen)
+    art = SimpleNamespace(input_shape=(1, 1, 8, 8), precision="fp32")
+    sizes = {"big": 30.0, "small": 1.0, "mid": 10.0}
+    keyed = {f"{e}@{b}": (e, b, art) for e in sizes for b in ("onnxruntime", "openvino")}
+    candidates = {k: [1, 2] for k in keyed}
+    threads = screen_engines(keyed, factory, candidates, ["onnxruntime", "openvino"], show_progress=False,
+                             sizes=sizes).threads
+    assert [s[0][0].split("@")[0] for s in seen] == ["small", "mid", "big"]  # smallest first
+    assert ("mid@onnxruntime", 1) in seen[1] and ("big@onnxruntime", 1) not in seen[2]
+    assert ("big@openvino", 1) in seen[2]  # the other runtime's one thread never lost: still tried
+    assert threads["mid@onnxruntime"] == 2 and threads["big@onnxruntime"] == 2 and threads["big@openvino"] == 1
+    assert ("big@onnxruntime", 1) not in loads
+
+    # One runtime only: a bigger engine left with one way to run is neither loaded nor timed; it runs on every core.
+    seen.clear()
+    loads.clear()
+    ort = {k: v for k, v in keyed.items() if k.endswith("onnxruntime")}
+    found = screen_engines(ort, factory, {k: [1, 2] for k in ort}, ["onnxruntime"], show_progress=False, sizes=sizes)
+    assert len(seen) == 2 and not any(k.startswith("big") for k, _ in loads)
+    assert found.threads["big@onnxruntime"] == 2 and found.chosen["big"] == "onnxruntime"
+    assert "big@onnxruntime" not in found.screened

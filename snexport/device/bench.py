@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from snexport import buildfiles as files
@@ -99,67 +100,155 @@ def front_method(rebench: bool) -> dict:
             "rebench_margin": FRONT_STICKY_MARGIN if rebench else None}
 
 
+@dataclass
+class Screening:
+    """What ``screen_engines`` found: per run key its thread count, per engine its runtime, the screening figures
+    of each key's chosen thread count, the refused keys (why) and reference checks, and the load and memory
+    figures of every variant it loaded ((key, threads) -> ``profiling.load_measured`` fields)."""
+
+    threads: dict
+    chosen: dict
+    screened: dict
+    refused: dict
+    checks: dict
+    measured: dict
+
+
 def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, preference: Sequence[str],
-                   show_progress: bool = True, previous: Optional[dict] = None) -> tuple[dict, dict, dict]:
+                   show_progress: bool = True, previous: Optional[dict] = None,
+                   check: Optional[Callable] = None, sizes: Optional[dict] = None,
+                   measure: Optional[Callable] = None) -> Screening:
     """How each engine runs: per runtime its thread count, then the runtime (``rounds.screen_variants``, paired).
 
     ``keyed``: run key -> (engine, backend, file); ``make_factory(key, threads)`` -> runner factory;
     ``candidates``: run key -> thread counts to try ([] for a runtime that takes none). Per engine, every
     (runtime, threads) variant is loaded side by side and timed in alternation, then closed. Per runtime the
     fewest threads within ``SCREEN_TOLERANCE`` of its fastest win; of the runtimes, the first of ``preference``
-    within ``RUNTIME_TOLERANCE`` of the fastest. Returns ({run key: threads or None}, {engine: backend},
-    {run key: screening statistics of its chosen thread count}); an engine with a single variant is not timed here.
+    within ``RUNTIME_TOLERANCE`` of the fastest. An engine with a single variant is not timed here.
+
+    ``check(key, runner)`` -> (figures, why refused or None), for the run keys whose runtime the export did not
+    validate with (``check_runner``): it runs on the first loaded variant of that key, before any timing, and a
+    refused key is neither timed nor chosen. Checking here, on runners the screening loads anyway, spares a load
+    of its own per engine (an OpenVINO compile) and its runs warm the runner up.
+
+    ``sizes`` (engine -> GFLOPs): engines are screened smallest first, and once a runtime's fewest threads run more
+    than ``SCREEN_DROP_ABOVE`` times slower than its fastest thread count on an engine (that variant was dropped),
+    bigger engines of that runtime and precision are screened without that thread count: more work per operator
+    only lets more threads gain more. On 2 cores one thread ran DeiT-S 1.5x slower, and screening it on the
+    35 bigger engines of a DeiT-S/B build cost 90 s.
 
     ``previous`` (engine -> (backend, threads), ``previous_choices``): what this device's last bench chose. A
     re-bench keeps it unless another variant is faster by more than the tolerance plus ``STICKY_MARGIN``, so two
     runs measure the same variant of an engine whose runtimes sit near the threshold instead of flipping.
+
+    ``measure(factory)`` -> (loaded runner, fields): how each variant is loaded (``profiling.load_measured``: cold
+    load and memory, one variant at a time, before any timing); its runs warm the variant up for the screening.
+    Loading alone and loading beside the engine's other variants gave the same RSS growth within 1.4 MB (DeiT-S/B
+    on ONNX Runtime and OpenVINO), so no variant is loaded again for a memory pass of its own.
     """
     import numpy as np
 
-    from snexport.device.rounds import (RUNTIME_TOLERANCE, SCREEN_TOLERANCE, STICKY_MARGIN, pick_within,
-                                        screen_variants)
+    from snexport.device.rounds import screen_variants
+    from snexport.errors import SnexportError
     from snexport.progress import progress_task
 
     per_engine: dict[str, list[str]] = {}
     for k, (e, _, _) in keyed.items():
         per_engine.setdefault(e, []).append(k)
     threads = {k: (candidates[k][0] if candidates[k] else None) for k in keyed}
-    chosen = {e: keyed[ks[0]][1] for e, ks in per_engine.items()}
     screened: dict[str, dict] = {}
-    todo = [e for e, ks in per_engine.items() if sum(max(1, len(candidates[k])) for k in ks) > 1]
-    if not todo:
-        return threads, chosen, screened
-    with progress_task(f"choosing runtime and threads for {len(todo)} engines", len(todo), show_progress) as advance:
-        for e in todo:
-            ks = per_engine[e]
-            x = np.random.default_rng(0).standard_normal(tuple(keyed[ks[0]][2].input_shape)).astype(np.float32)
-            runners: dict[tuple, Any] = {}
-            try:
-                for k in ks:
-                    for t in candidates[k] or [None]:
-                        runners[(k, t)] = make_factory(k, t)()
-                        runners[(k, t)].load()
-                figures = screen_variants({v: (lambda r=r: r.run(x)) for v, r in runners.items()})
-            finally:
-                for r in runners.values():
-                    r.close()
-            kept_backend, kept_threads = (previous or {}).get(e, (None, None))
-            for k in ks:
-                mine = {t: figures[(k, t)]["paired_ms"] for (kk, t) in figures if kk == k}
-                order, tolerance = sorted(mine, key=lambda t: (t is not None, t or 0)), SCREEN_TOLERANCE
-                if keyed[k][1] == kept_backend and kept_threads in mine:
-                    order, tolerance = [kept_threads] + order, SCREEN_TOLERANCE + STICKY_MARGIN
-                threads[k] = pick_within(mine, order, tolerance)
-                screened[k] = dict(figures[(k, threads[k])], by_threads={str(t): round(float(v), 6)
-                                                                          for t, v in mine.items()
-                                                                          if t is not None})
-            backend_of = {keyed[k][1]: k for k in ks}
-            order, tolerance = list(preference), RUNTIME_TOLERANCE
-            if kept_backend in backend_of:
-                order, tolerance = [kept_backend] + order, RUNTIME_TOLERANCE + STICKY_MARGIN
-            chosen[e] = pick_within({b: screened[k]["paired_ms"] for b, k in backend_of.items()}, order, tolerance)
-            advance()
-    return threads, chosen, screened
+    refused: dict[str, str] = {}
+    checks: dict[str, dict] = {}
+    to_check = {k for k in keyed if check is not None and check.needed(k)}
+    chosen: dict[str, str] = {}
+    todo = [e for e, ks in per_engine.items()
+            if sum(max(1, len(candidates[k])) for k in ks) > 1 or any(k in to_check for k in ks)]
+    todo.sort(key=lambda e: (sizes or {}).get(e) or 0.0)
+    candidates = dict(candidates)
+    outgrown: set[tuple] = set()  # (backend, precision) whose fewest threads lost clearly on a smaller engine
+    threads_checked: dict[str, Any] = {}  # run key -> the thread count its check ran on (that runner is warm)
+    measured: dict[tuple, dict] = {}
+    if todo:
+        label = "choosing runtime and threads" if any(
+            sum(max(1, len(candidates[k])) for k in per_engine[e]) > 1 for e in todo) else "checking"
+        with progress_task(f"{label} for {len(todo)} engines", len(todo), show_progress) as advance:
+            for e in todo:
+                runners: dict[tuple, Any] = {}
+                try:
+                    for k in per_engine[e]:
+                        if (keyed[k][1], keyed[k][2].precision) in outgrown and len(candidates[k]) > 1:
+                            candidates[k] = candidates[k][1:]
+                            threads[k] = candidates[k][0]
+                    if sum(max(1, len(candidates[k])) for k in per_engine[e]) == 1 and not (
+                            set(per_engine[e]) & to_check):
+                        continue  # one way left to run it: nothing to choose or check
+                    for k in per_engine[e]:
+                        for t in (candidates[k] or [None])[::-1]:  # every core first: the check runs on it
+                            try:
+                                if measure is not None:
+                                    runner, measured[(k, t)] = measure(make_factory(k, t))
+                                else:
+                                    runner = make_factory(k, t)()
+                                    try:
+                                        runner.load()
+                                    except BaseException:
+                                        runner.close()
+                                        raise
+                            except SnexportError as exc:  # a file this runtime refuses, an op it lacks
+                                if k not in to_check:
+                                    raise
+                                refused[k] = check.refusal(k, exc)
+                                break
+                            runners[(k, t)] = runner
+                            if k in to_check and k not in checks:
+                                checks[k], why = check(k, runner)
+                                threads_checked[k] = t
+                                if why:
+                                    refused[k] = why
+                                    break
+                    for v in [v for v in runners if v[0] in refused]:
+                        runners.pop(v).close()
+                    if len(runners) > 1:
+                        x = np.random.default_rng(0).standard_normal(
+                            tuple(keyed[per_engine[e][0]][2].input_shape)).astype(np.float32)
+                        figures = screen_variants({v: (lambda r=r: r.run(x)) for v, r in runners.items()},
+                                                  warm=[v for v in runners if v in measured
+                                                        or v in threads_checked.items()])
+                        chosen[e] = _choose(e, [k for k in per_engine[e] if k not in refused], keyed, figures,
+                                            threads, screened, preference, previous)
+                        outgrown |= {(keyed[k][1], keyed[k][2].precision) for k in per_engine[e]
+                                     if len(candidates[k]) > 1 and figures.get((k, candidates[k][0]), {}).get("dropped")}
+                finally:
+                    for r in runners.values():
+                        r.close()
+                    advance()
+    for e, ks in per_engine.items():  # engines not timed here: their one (unrefused) runtime
+        ok = [k for k in ks if k not in refused]
+        if ok and e not in chosen:
+            chosen[e] = keyed[ok[0]][1]
+    return Screening(threads, chosen, screened, refused, checks, measured)
+
+
+def _choose(engine: str, ks: list, keyed: dict, figures: dict, threads: dict, screened: dict,
+            preference: Sequence[str], previous: Optional[dict]) -> str:
+    """One engine's thread count per runtime (into ``threads``, ``screened``) and its runtime (returned), from its
+    screening ``figures`` (``screen_engines``)."""
+    from snexport.device.rounds import RUNTIME_TOLERANCE, SCREEN_TOLERANCE, STICKY_MARGIN, pick_within
+
+    kept_backend, kept_threads = (previous or {}).get(engine, (None, None))
+    for k in ks:
+        mine = {t: figures[(k, t)]["paired_ms"] for (kk, t) in figures if kk == k}
+        order, tolerance = sorted(mine, key=lambda t: (t is not None, t or 0)), SCREEN_TOLERANCE
+        if keyed[k][1] == kept_backend and kept_threads in mine:
+            order, tolerance = [kept_threads] + order, SCREEN_TOLERANCE + STICKY_MARGIN
+        threads[k] = pick_within(mine, order, tolerance)
+        screened[k] = dict(figures[(k, threads[k])], by_threads={str(t): round(float(v), 6)
+                                                                  for t, v in mine.items() if t is not None})
+    backend_of = {keyed[k][1]: k for k in ks}
+    order, tolerance = list(preference), RUNTIME_TOLERANCE
+    if kept_backend in backend_of:
+        order, tolerance = [kept_backend] + order, RUNTIME_TOLERANCE + STICKY_MARGIN
+    return pick_within({b: screened[k]["paired_ms"] for b, k in backend_of.items()}, order, tolerance)
 
 
 def bench_backends(profile, requested: Optional[Sequence[str]] = None) -> list[str]:
@@ -231,18 +320,21 @@ def measurement_for_manifest(stats: dict, switch: Optional[dict]) -> dict:
 
 def choice_method(profile, backends: Sequence[str], screened: dict) -> dict:
     """How each engine's runtime and CPU thread count were chosen, for the stored method."""
-    from snexport.device.rounds import RUNTIME_TOLERANCE, SCREEN_TOLERANCE, STICKY_MARGIN
+    from snexport.device.rounds import RUNTIME_TOLERANCE, SCREEN_DROP_ABOVE, SCREEN_TOLERANCE, STICKY_MARGIN
 
     out = {}
     if profile.threads is not None:
         out["threads"] = f"{profile.threads} for every engine (the profile pins it)"
     if screened:
         out["choice"] = (f"per engine, its variants ({', '.join(backends)}; one thread and every core unless the "
-                         "profile pins threads) timed in alternation before the rounds: 10 passes of ~15 ms blocks, "
+                         "profile pins threads) timed in alternation before the rounds: up to 10 passes of ~15 ms blocks (3 for slow engines), "
                          "each variant figured by its block medians relative to their pass's mean; per runtime "
                          f"the fewest threads within {SCREEN_TOLERANCE:.0%} of its fastest, then the first runtime in "
                          f"the order {', '.join(backends)} within {RUNTIME_TOLERANCE:.0%} of the fastest. Only the "
                          "chosen variant is timed in the rounds; by_backend holds the others' screening figures. "
+                         f"A variant {SCREEN_DROP_ABOVE:g}x slower than the fastest in the first pass is timed no "
+                         "further; engines are screened smallest (GFLOPs) first, and once one thread was that much "
+                         "slower on a runtime, bigger engines on it are screened with every core only. "
                          "A re-bench keeps this device's previous choice unless another variant is faster by "
                          f"{STICKY_MARGIN:.0%} more than those tolerances")
     return out
@@ -332,7 +424,8 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     from snexport.device.manifest import read_manifest, write_manifest
     from snexport.device.energy import open_energy_sensor
     from snexport.device.pareto import noise_aware_front
-    from snexport.device.profiling import device_fingerprint, measure_switch, measurement_record, profile_engine
+    from snexport.device.profiling import (device_fingerprint, load_measured, measure_switch, measurement_record,
+                                           memory_record, profile_engine)
     from snexport.device.rounds import plan_rounds, run_rounds
     from snexport.device.runtime.backends import BACKENDS
     from snexport.device.tensorrt_build import engines_stage
@@ -380,10 +473,26 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
                 warm = factories[first]()
                 warm.load()
                 warm.close()
-            except SnexportError:  # a runtime that cannot run this file: check_backends says so per engine
+            except SnexportError:  # a runtime that cannot run this file: ReferenceCheck says so per engine
                 if BACKENDS[backend].validated_where_made:
                     raise
-    refused, checks = check_backends(build, profile, keyed, factories, show_progress)
+    # 1. How each engine runs: per runtime the faster of one thread and every core (where the profile leaves
+    # threads out), then the runtime, by timing the variants of one engine in alternation (screen_engines); a
+    # runtime the export did not validate with is first checked on the reference logits (ReferenceCheck).
+    candidates = {k: thread_candidates(profile, b) for k, (_, b, _) in keyed.items()}
+
+    def make_factory(k, threads):
+        return _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=threads)
+
+    previous = previous_measurements(build, key)  # read before this bench rewrites the manifest
+    was_on_front = previous_front(previous)
+    found = screen_engines(
+        keyed, make_factory, candidates, backends, show_progress, previous=previous_choices(previous),
+        check=ReferenceCheck(build, keyed),
+        sizes={e: facts_for(facts, next(iter(per.values()))).get("gflops") for e, per in engines.items()},
+        measure=lambda factory: load_measured(factory, profile, time_latency=False))
+    threads, chosen, screened, refused, checks = (found.threads, found.chosen, found.screened, found.refused,
+                                                  found.checks)
     refusals = {keyed[k][:2]: why for k, why in refused.items()}  # (engine, backend) -> why
     for k in refused:
         del keyed[k]
@@ -392,30 +501,25 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
         reasons = "; ".join(why for (e, _), why in refusals.items() if e == unrun[0])
         raise BackendUnavailableError(f"no measured backend runs {unrun[0]} correctly ({reasons}); measure it with "
                                       f"{profile.backend} (`snexport bench --backends {profile.backend}`)")
-    # 1. How each engine runs: per runtime the faster of one thread and every core (where the profile leaves
-    # threads out), then the runtime, by timing the variants of one engine in alternation (screen_engines).
-    candidates = {k: thread_candidates(profile, b) for k, (_, b, _) in keyed.items()}
-    def make_factory(k, threads):
-        return _runner_factory(build, keyed[k][2], profile, module_factory, keyed[k][1], threads=threads)
-
-    previous = previous_measurements(build, key)  # read before this bench rewrites the manifest
-    was_on_front = previous_front(previous)
-    threads, chosen, screened = screen_engines(keyed, make_factory, candidates, backends, show_progress,
-                                               previous=previous_choices(previous))
     factories = {k: make_factory(k, threads[k]) for k in keyed}
     picked = {e: next(k for k, (ke, b, _) in keyed.items() if ke == e and b == chosen[e]) for e in engines}
-    # 2. Cold load and memory, one engine at a time (the RSS sampler thread runs here, never beside the clock).
-    stats: dict[str, dict] = {}
-    with progress_task(f"cold load and memory of {len(keyed)} engines", len(keyed), show_progress) as advance:
-        for k, (_, _, a) in keyed.items():
+    # 2. Cold load and memory, one engine at a time (the RSS sampler thread runs here, never beside the clock):
+    # taken as the screening loaded each variant, else (a variant nothing chose between) measured here.
+    stats: dict[str, dict] = {k: memory_record(found.measured[(k, threads[k])], profile) for k in keyed
+                              if (k, threads[k]) in found.measured}
+    rest = [k for k in keyed if k not in stats]
+    with progress_task(f"cold load and memory of {len(rest)} engines", len(rest), show_progress and bool(rest)) \
+            as advance:
+        for k in rest:
             stats[k] = profile_engine(factories[k], profile, time_latency=False)
-            stats[k]["file_size_bytes"] = a.size_bytes
-            if threads[k] is not None:
-                stats[k]["threads"] = threads[k]
-            if k in screened:
-                stats[k]["screen"] = {"p50_ms": screened[k]["p50_ms"], "p50_ci_ms": screened[k]["p50_ci_ms"],
-                                      "paired_ms": screened[k]["paired_ms"], "by_threads": screened[k]["by_threads"]}
             advance()
+    for k, (_, _, a) in keyed.items():
+        stats[k]["file_size_bytes"] = a.size_bytes
+        if threads[k] is not None:
+            stats[k]["threads"] = threads[k]
+        if k in screened:
+            stats[k]["screen"] = {"p50_ms": screened[k]["p50_ms"], "p50_ci_ms": screened[k]["p50_ci_ms"],
+                                  "paired_ms": screened[k]["paired_ms"], "by_threads": screened[k]["by_threads"]}
     runners: dict[str, Any] = {}
     switches: dict[str, dict] = {}
     try:
@@ -430,7 +534,9 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
                   for k in runners}
         runs = {k: (lambda r=r, x=inputs[k]: r.run(x)) for k, r in runners.items()}
         counter = sensor if sensor.available and not sensor.samples_during_window else None
-        counts, n_rounds = plan_rounds(runs, rounds)
+        # Screened engines are sized from their screening figures: calibrating 36 DeiT-S/B engines again took 70 s.
+        counts, n_rounds = plan_rounds(runs, rounds, estimates={k: screened[k]["p50_ms"] / 1e3 for k in runs
+                                                                if k in screened})
         with progress_task(f"timing {len(runs)} engines in {n_rounds} interleaved rounds ({profile.name})",
                            n_rounds * len(runs), show_progress) as advance:
             timing = run_rounds(runs, rounds, counts=counts, rounds=n_rounds, energy=counter, progress=advance)
@@ -453,8 +559,11 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
             for i, e in enumerate(order):
                 prev = runners[picked[order[i - 1]]] if i else runners[picked[order[-1]]]
                 if prev is not runners[picked[e]]:
+                    lat = stats[picked[e]]["latency"]
                     switches[e] = measure_switch(prev, runners[picked[e]], inputs[picked[e]], repeats=switch_repeats,
-                                                 budget_s=SWITCH_BUDGET_S)
+                                                 budget_s=SWITCH_BUDGET_S, primed=True,
+                                                 steady={"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                                                         "source": "interleaved rounds"})
                 advance()
     finally:
         for r in runners.values():
@@ -515,45 +624,43 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
             "refused": {f"{e}@{b}": why for (e, b), why in refusals.items()}}
 
 
-def check_backends(build, profile, keyed: dict, factories: dict, show_progress: bool = True) -> tuple[dict, dict]:
-    """Gate each runner of a backend whose outputs nothing validated where its files were made (the backend
-    table's ``validated_where_made``: OpenVINO) on the FP32 reference logits the host shipped: an engine's
-    accuracy stands for a runtime only if that runtime computes what the exported file computes.
-    Returns ({run key: why refused}, {run key: validation figures})."""
-    from snexport.device.runtime.backends import BACKENDS
-    from snexport.device.tensorrt_build import read_reference
-    from snexport.device.validate import validate_runner
-    from snexport.errors import SnexportError
-    from snexport.progress import progress_task
+class ReferenceCheck:
+    """Gates each runner of a backend whose outputs nothing validated where its files were made (the backend
+    table's ``validated_where_made``: OpenVINO) on the FP32 reference logits the host shipped: an engine's accuracy
+    stands for a runtime only if that runtime computes what the exported file computes. ``screen_engines`` calls
+    it on the first runner it loads of such a key; ``check(key, runner)`` -> (figures, why refused or None)."""
 
-    todo = [k for k, (_, b, _) in keyed.items() if not BACKENDS[b].validated_where_made]
-    refused: dict[str, str] = {}
-    checks: dict[str, dict] = {}
-    if not todo:
-        return refused, checks
-    with progress_task(f"checking {len(todo)} engines against the reference logits", len(todo),
-                       show_progress) as advance:
-        for k in todo:
-            e, b, a = keyed[k]
-            label = BACKENDS[b].label
-            runner = None
-            try:
-                inputs, logits = read_reference(build, a)
-                runner = factories[k]()
-                runner.load()
-                figures, failures = validate_runner(runner, logits, inputs)
-                checks[k] = figures
-                if failures:
-                    refused[k] = f"{label} disagrees with the reference: {'; '.join(failures)}"
-            except SnexportError as exc:  # no reference shipped, a file the runtime refuses, an op it lacks
-                refused[k] = f"{label}: {exc}"
-            finally:
-                if runner is not None:
-                    runner.close()
-            if k in refused:
-                log.warning("%s is not measured on %s: %s", e, label, refused[k])
-            advance()
-    return refused, checks
+    def __init__(self, build, keyed: dict):
+        self.build, self.keyed = build, keyed
+
+    def needed(self, key: str) -> bool:
+        from snexport.device.runtime.backends import BACKENDS
+
+        return not BACKENDS[self.keyed[key][1]].validated_where_made
+
+    def refusal(self, key: str, exc: object, disagrees: bool = False) -> str:
+        """Why ``key`` is refused (logged): the runtime's error ``exc``, or with ``disagrees`` its failed gates."""
+        from snexport.device.runtime.backends import BACKENDS
+
+        engine, backend, _ = self.keyed[key]
+        label = BACKENDS[backend].label
+        why = f"{label} disagrees with the reference: {exc}" if disagrees else f"{label}: {exc}"
+        log.warning("%s is not measured on %s: %s", engine, label, why)
+        return why
+
+    def __call__(self, key: str, runner) -> tuple[dict, Optional[str]]:
+        from snexport.device.tensorrt_build import read_reference
+        from snexport.device.validate import validate_runner
+        from snexport.errors import SnexportError
+
+        try:
+            inputs, logits = read_reference(self.build, self.keyed[key][2])
+            figures, failures = validate_runner(runner, logits, inputs)
+        except SnexportError as exc:  # no reference shipped, an op that fails at run time
+            return {}, self.refusal(key, exc)
+        if failures:
+            return figures, self.refusal(key, "; ".join(failures), disagrees=True)
+        return figures, None
 
 
 def backend_figures(engine: str, keyed: dict, stats: dict, refusals: dict, checks: dict, per_backend: dict) -> dict:

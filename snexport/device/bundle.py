@@ -102,9 +102,11 @@ def _bundle_plan(build: BuildFiles, profile) -> _Plan:
         raise BuildDirError(f"the last export of {build.root} has no {profile.precision} ONNX for {profile.name}; "
                             f"re-run {fix}")
     # The FP32 reference logits travel too where they exist (small): a runtime the export did not validate with
-    # (OpenVINO) is gated on them by `snexport bench` on the device before its numbers may stand for an engine.
+    # (OpenVINO) is gated on them by `snexport bench` on the device before its numbers may stand for an engine;
+    # the files' own ONNX Runtime outputs are what the device's optimized pack is checked against.
     refs = {a.reference[k]: a.reference[f"{k}_sha256"] for a in onnx if a.precision == "fp32"
-            for k in ("inputs", "logits") if (a.reference or {}).get(k) and (build.root / a.reference[k]).is_file()}
+            for k in ("inputs", "logits", "onnx_logits")
+            if (a.reference or {}).get(k) and (build.root / a.reference[k]).is_file()}
     portable = deployset.complete_pack(build, files.PACK_DIR, onnx)
     if not portable:
         # No pack (exported with --no-pack, or left over from another export): the standalone files travel.

@@ -489,15 +489,19 @@ def optimize_pack(
         return out
 
     def check(art, tmp, weights):
-        return _compare_alone(Path(build_dir) / art.file, tmp, num_inputs, seed)
+        return _compare_alone(Path(build_dir) / art.file, tmp, num_inputs, seed, art.input_shape,
+                              expected=exported_outputs(build_dir, art, num_inputs))
 
     return _pack_stage(build_dir, artifacts, pack_dir, settings, sources, check if validate else None,
                        weights_prefix=f"{_WEIGHTS_PREFIX}-ort", align=align, min_bytes=min_bytes, progress=progress)
 
 
 def _pack_stage(build_dir, artifacts, pack_dir: str, settings: dict, make_sources, check, *, weights_prefix: str,
-                align: int, min_bytes: int, progress) -> list[Artifact]:
-    """The common stage: check inputs, resume, write one pack per precision, validate, commit, index, clean up."""
+                align: int, min_bytes: int, progress, verified: bool = False) -> list[Artifact]:
+    """The common stage: check inputs, resume, write one pack per precision, validate, commit, index, clean up.
+
+    ``verified``: the caller hashed every input file against its record in this run (the export stage, right
+    before packing), so only their sizes are checked here: hashing them again was 13 s of a DeiT-S/B build."""
     import shutil
     import tempfile
 
@@ -513,12 +517,17 @@ def _pack_stage(build_dir, artifacts, pack_dir: str, settings: dict, make_source
     keys = [(a.stitch_id, a.precision) for a in artifacts]
     if len(set(keys)) != len(keys):
         raise PackError("each (stitch, precision) may appear once in a pack")
+    weights_checked: set = set()
     for a in artifacts:
         path = build_dir / a.file
-        if not path.is_file() or path.stat().st_size != a.size_bytes or sha256_file(path) != a.sha256:
+        if not path.is_file() or path.stat().st_size != a.size_bytes or (
+                not verified and sha256_file(path) != a.sha256):
             raise PackError(f"{path} is missing or differs from its export record; re-run `snexport export` first")
-        if a.weights_file:  # a packed source (e.g. the portable pack shipped to a device for optimize_pack)
+        # A packed source (e.g. the portable pack shipped to a device for optimize_pack): its one weights file is
+        # hashed once, not once per engine that points into it.
+        if a.weights_file and (a.weights_file, a.weights_sha256) not in weights_checked:
             verify_weights_file(build_dir / a.weights_file, a.weights_sha256, a.weights_size_bytes)
+            weights_checked.add((a.weights_file, a.weights_sha256))
 
     settings = dict(settings, pack_version=PACK_VERSION, small_align=SMALL_ALIGN,
                     sources=sorted([a.stitch_id, a.precision, a.sha256, a.weights_sha256] for a in artifacts))
@@ -647,28 +656,50 @@ def _tick(progress, stitch_id: str, status: str) -> None:
         progress(1, description=f"pack {stitch_id}: {status}")
 
 
-def _compare_alone(standalone: Path, packed: Path, num_inputs: int, seed: int) -> dict:
-    """An ONNX Runtime-optimized packed file, loaded alone (prepacking on), against its standalone file."""
+def exported_outputs(build_dir: str | os.PathLike, art: Artifact, num_inputs: int) -> Optional[tuple]:
+    """(inputs, logits): the first ``num_inputs`` reference inputs and the exported file's own ONNX Runtime outputs
+    on them, recorded by the export (``reference["onnx_logits"]``); None where the export did not record them (an
+    older build, a precision it does not record them for) or a file is missing or altered."""
+    import numpy as np
+
+    ref = art.reference or {}
+    arrays = []
+    for key in ("inputs", "onnx_logits"):
+        path = Path(build_dir) / ref.get(key, "")
+        if not ref.get(key) or not path.is_file() or sha256_file(path) != ref.get(f"{key}_sha256"):
+            return None
+        arrays.append(np.load(path, allow_pickle=False)[:max(int(num_inputs), 1)])
+    return arrays[0], arrays[1]
+
+
+def _compare_alone(standalone: Path, packed: Path, num_inputs: int, seed: int, input_shape: Sequence,
+                   expected: Optional[tuple] = None) -> dict:
+    """An ONNX Runtime-optimized packed file, loaded alone (prepacking on), against its source file's outputs:
+    ``expected`` (inputs, logits) as the export recorded them, else the source run here on seeded inputs."""
     import numpy as np
 
     from snexport.device.validate import compare_logits, run_onnx
-    from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-    runner = OnnxRuntimeRunner(standalone, threads=1)
-    runner.load()
-    shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in runner.input_shape[1:])
-    runner.close()
-    inputs = np.random.default_rng(seed).standard_normal((max(int(num_inputs), 1), *shape)).astype(np.float32)
-    reference, actual = run_onnx(standalone, inputs), run_onnx(packed, inputs)
+    if expected is not None:
+        inputs, reference = expected
+    else:
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in tuple(input_shape)[1:])
+        inputs = np.random.default_rng(seed).standard_normal((max(int(num_inputs), 1), *shape)).astype(np.float32)
+        reference = run_onnx(standalone, inputs)
+    actual = run_onnx(packed, inputs)
     figs, fails = compare_logits(reference, actual)
     if fails:
         raise ExportValidationError(packed.name, [f"optimized packed file: {f}" for f in fails])
     return {"alone": {"max_abs": figs["max_abs"], "cosine": figs["cosine"],
-                      "bitwise_equal": bool(np.array_equal(reference, actual))}, "samples": len(inputs)}
+                      "bitwise_equal": bool(np.array_equal(reference, actual))}, "samples": len(inputs),
+            "compared_with": "exported outputs" if expected is not None else "source file run here"}
 
 
-def _compare(standalone: Path, packed: Path, weights: Path, num_inputs: int, seed: int) -> dict:
-    """Run the packed file both ways a device may (ORT alone; shared mapped initializers) against the standalone.
+def _compare(standalone: Path, packed: Path, weights: Path, num_inputs: int, seed: int,
+             expected: Optional[tuple] = None) -> dict:
+    """Run the packed file both ways a device may (ORT alone; shared mapped initializers) against the standalone:
+    its outputs as the export recorded them (``expected``: inputs, logits; ``exported_outputs``), else the
+    standalone file run here on seeded inputs (a third session per file: 30 s of a 36-engine DeiT-S/B build).
 
     Same graph, same bytes, same runtime: the outputs are expected to be bitwise equal; the FP32 gates of
     ``validate.compare_logits`` are the failure criterion so a future ORT that picks a different kernel for
@@ -680,20 +711,22 @@ def _compare(standalone: Path, packed: Path, weights: Path, num_inputs: int, see
     from snexport.device.runtime.onnxruntime_runner import OnnxRuntimeRunner, WeightsFileMap
 
     mapped = WeightsFileMap(weights)
-    shared = OnnxRuntimeRunner(packed, threads=1, disable_prepacking=True,
-                               shared_initializers=mapped.initializers(packed))
+    shared = OnnxRuntimeRunner(packed, disable_prepacking=True, shared_initializers=mapped.initializers(packed))
     try:
         shared.load()
         batch = shared.input_shape[0] if isinstance(shared.input_shape[0], int) and shared.input_shape[0] > 0 else 1
         shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in shared.input_shape[1:])
-        inputs = np.random.default_rng(seed).standard_normal((max(int(num_inputs), 1), *shape)).astype(np.float32)
+        if expected is not None:
+            inputs = expected[0]
+        else:
+            inputs = np.random.default_rng(seed).standard_normal((max(int(num_inputs), 1), *shape)).astype(np.float32)
         padded = np.concatenate([inputs, np.zeros((-len(inputs) % batch, *shape), np.float32)])
         via_map = np.concatenate([shared.run(padded[i:i + batch]) for i in range(0, len(padded), batch)])
         via_map = via_map[:len(inputs)].astype(np.float32)
     finally:
         shared.close()
         mapped.close()
-    reference = run_onnx(standalone, inputs)
+    reference = expected[1] if expected is not None else run_onnx(standalone, inputs)
     alone = run_onnx(packed, inputs)  # ORT resolves the external data itself
 
     figures, failures = {}, []
@@ -705,4 +738,5 @@ def _compare(standalone: Path, packed: Path, weights: Path, num_inputs: int, see
     if failures:
         raise ExportValidationError(packed.name, failures)
     figures["samples"] = len(inputs)
+    figures["compared_with"] = "exported outputs" if expected is not None else "standalone file run here"
     return figures

@@ -580,8 +580,8 @@ def profile_engine(
     """Measure one engine: file size, cold load, RSS around load, latency, peak RSS while running.
 
     With ``time_latency=False`` this is the *memory pass* of `snexport bench`: the peak-RSS sampler thread runs
-    over ``memory_runs`` untimed runs (fewer, at least 3, past ``memory_budget_s``) and no latency is taken
-    (``latency`` is None); latency is timed separately,
+    over ``memory_runs`` untimed runs after the first (fewer, at least 2, past ``memory_budget_s``) and no latency
+    is taken (``latency`` is None); latency is timed separately,
     with nothing of ours beside it, in interleaved rounds (``snexport.device.rounds``).
 
     ``target`` is a file (opened with ``snexport.device.runtime.open_runner(path, **runner_options)``) or a factory
@@ -605,7 +605,30 @@ def profile_engine(
 
     else:
         factory = target
+    runner = None
+    try:
+        runner, measured = load_measured(factory, cfg, x=x, time_latency=time_latency, memory_runs=memory_runs,
+                                         memory_budget_s=memory_budget_s)
+        record.update(measured)
+    finally:
+        if runner is not None:
+            runner.close()
+    return record
 
+
+def memory_record(measured: Mapping[str, Any], settings: Any = None) -> dict:
+    """The record ``profile_engine`` returns for a runner factory, from ``load_measured``'s fields."""
+    return {"schema": SCHEMA_VERSION, "settings": resolve_settings(settings), "file": None, "file_size_bytes": None,
+            **measured}
+
+
+def load_measured(factory: Callable[[], Any], settings: Any = None, *, x: Any = None, time_latency: bool = False,
+                  memory_runs: int = 20, memory_budget_s: float = 0.5) -> tuple[Any, dict]:
+    """``profile_engine`` on a runner factory, leaving the runner loaded: (runner, the record's runner, load, memory
+    and latency fields). The caller closes the runner; on an error it is closed here. `snexport bench` measures
+    each variant it screens this way and then times it, instead of loading every variant again for a memory pass
+    of its own: the memory runs warm it up for the screening."""
+    cfg = resolve_settings(settings)
     return_freed_heap()
     rss_before, nvmap_before = process_rss_bytes(), nvmap_used_bytes()
     cuda_load = CudaMemoryDelta().start()
@@ -633,48 +656,49 @@ def profile_engine(
                     percentiles=cfg["percentiles"],
                 )
             else:
-                # Peak RSS is reached in the first runs (arenas grow once); a slow engine stops after
-                # ``memory_budget_s`` once 3 runs are done (20 DeiT-B runs were 5 s per engine and runtime).
+                # Peak RSS is reached in the first runs (arenas grow once): DeiT-B on ONNX Runtime grew 10 MB on
+                # its first run and 13 MB on its second, then not at all over four more; on OpenVINO only on the
+                # first. So a slow engine stops after ``memory_budget_s`` once 2 runs follow the first (20
+                # DeiT-B runs were 5 s per engine and runtime).
                 latency = None
                 stop = time.perf_counter() + float(memory_budget_s)
                 for i in range(int(memory_runs)):
-                    if i >= 3 and time.perf_counter() > stop:
+                    if i >= 2 and time.perf_counter() > stop:
                         break
                     runner.run(x)
-        record.update(
-            {
-                "backend": runner.backend,
-                "input_name": runner.input_name,
-                "input_shape": list(runner.input_shape),
-                "output_name": runner.output_name,
-                "runner_settings": getattr(runner, "settings", None),
-                "load": {
-                    "construct_load_ms": (t1 - t0) / 1e6,
-                    "first_run_ms": (t2 - t2_start) / 1e6,
-                    # Input generation between load and first run is excluded.
-                    "cold_load_ms": (t1 - t0 + t2 - t2_start) / 1e6,
-                },
-                "memory": {
-                    "rss_before_load_bytes": rss_before,
-                    "rss_after_load_bytes": rss_loaded,
-                    "rss_load_delta_bytes": None if None in (rss_before, rss_loaded) else rss_loaded - rss_before,
-                    "rss_peak_during_runs_bytes": sampler.peak_bytes,
-                    "rss_after_runs_bytes": sampler.end_bytes,
-                    "cuda_load_delta_bytes": cuda_load.used_delta_bytes,
-                    "nvmap_before_bytes": nvmap_before,
-                    "nvmap_after_load_bytes": nvmap_used_bytes(),
-                },
-                "latency": latency,
-            }
-        )
-    finally:
+        measured = {
+            "backend": runner.backend,
+            "input_name": runner.input_name,
+            "input_shape": list(runner.input_shape),
+            "output_name": runner.output_name,
+            "runner_settings": getattr(runner, "settings", None),
+            "load": {
+                "construct_load_ms": (t1 - t0) / 1e6,
+                "first_run_ms": (t2 - t2_start) / 1e6,
+                # Input generation between load and first run is excluded.
+                "cold_load_ms": (t1 - t0 + t2 - t2_start) / 1e6,
+            },
+            "memory": {
+                "rss_before_load_bytes": rss_before,
+                "rss_after_load_bytes": rss_loaded,
+                "rss_load_delta_bytes": None if None in (rss_before, rss_loaded) else rss_loaded - rss_before,
+                "rss_peak_during_runs_bytes": sampler.peak_bytes,
+                "rss_after_runs_bytes": sampler.end_bytes,
+                "cuda_load_delta_bytes": cuda_load.used_delta_bytes,
+                "nvmap_before_bytes": nvmap_before,
+                "nvmap_after_load_bytes": nvmap_used_bytes(),
+            },
+            "latency": latency,
+        }
+    except BaseException:
         runner.close()
-    return record
+        raise
+    return runner, measured
 
 
 def measure_switch(runner_a: Any, runner_b: Any, x: Any, repeats: int = 20, *, x_b: Any = None,
                    percentiles: Iterable[float] = DEFAULT_PERCENTILES, budget_s: Optional[float] = None,
-                   min_repeats: int = 3) -> dict:
+                   min_repeats: int = 3, primed: bool = False, steady: Optional[Mapping[str, Any]] = None) -> dict:
     """Warm switch cost: time from switching to ``runner_b`` until its first result, after ``runner_a`` ran.
 
     Both runners are already loaded (the selector keeps candidates resident). Each repeat runs A, then times
@@ -682,13 +706,18 @@ def measure_switch(runner_a: Any, runner_b: Any, x: Any, repeats: int = 20, *, x
     ``switch_overhead_p50_ms`` isolates what the switch itself costs (cold caches, clocks, allocator).
     ``budget_s``: stop after that many seconds once ``min_repeats`` are done (a repeat is three runs: 20 of
     them cost 15 s per DeiT engine, 9 min for a 36-engine build, for an overhead lost in the runs' own noise).
+    ``primed``: both runners have run since they were loaded (bench's rounds), so no first runs are needed.
+    ``steady``: B's steady-state statistics measured elsewhere (bench's interleaved rounds, each block after a
+    warm-up run, many more samples than a few repeats give); B's runs right after B are then not taken, which makes
+    a repeat two runs instead of three (18 s of a 36-engine DeiT-S/B bench).
     """
     if repeats < 1:
         raise ProfileError("measure_switch needs repeats >= 1")
     deadline = None if budget_s is None else time.perf_counter() + float(budget_s)
     x_b = x if x_b is None else x_b
-    runner_a.run(x)  # make sure both have done their one-time first-run work
-    runner_b.run(x_b)
+    if not primed:  # make sure both have done their one-time first-run work
+        runner_a.run(x)
+        runner_b.run(x_b)
     switch_ms, steady_ms = [], []
     for i in range(repeats):
         if deadline is not None and i >= min_repeats and time.perf_counter() > deadline:
@@ -697,11 +726,13 @@ def measure_switch(runner_a: Any, runner_b: Any, x: Any, repeats: int = 20, *, x
         t0 = time.perf_counter_ns()
         runner_b.run(x_b)
         t1 = time.perf_counter_ns()
-        runner_b.run(x_b)
-        t2 = time.perf_counter_ns()
         switch_ms.append((t1 - t0) / 1e6)
-        steady_ms.append((t2 - t1) / 1e6)
-    switch, steady = summarize_ms(switch_ms, percentiles), summarize_ms(steady_ms, percentiles)
+        if steady is None:
+            runner_b.run(x_b)
+            steady_ms.append((time.perf_counter_ns() - t1) / 1e6)
+    switch = summarize_ms(switch_ms, percentiles)
+    steady = dict(summarize_ms(steady_ms, percentiles), source="right after itself") if steady is None else dict(
+        steady)
     return {
         "repeats": len(switch_ms),
         "switch": switch,

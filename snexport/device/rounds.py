@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from snexport.errors import ProfileError
 
 DEFAULT_BOOTSTRAP = 2000
+# Seconds of warm-up, and of timed runs, after which calibration stops adding runs (``calibrate``).
+CALIBRATION_BUDGET_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,25 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def calibrate(run: Callable[[], Any], warmup: int, clock: Callable[[], int] = time.perf_counter_ns) -> float:
-    """Seconds per run of a warm engine (median of a few timed runs after ``warmup`` untimed ones)."""
-    for _ in range(max(warmup, 1)):
+def calibrate(run: Callable[[], Any], warmup: int, clock: Callable[[], int] = time.perf_counter_ns,
+              budget_s: float = CALIBRATION_BUDGET_S) -> float:
+    """Seconds per run of a warm engine: the median of 5 timed runs (3 once they pass ``budget_s``) after ``warmup``
+    untimed ones (fewer once they pass ``budget_s``, at least 2: the first run after a load pays one-time setup).
+
+    Only the block sizes and the number of rounds depend on it, so a slow engine need not run 15 times for it: 10
+    warm-ups and 5 timed runs of each of a 36-engine DeiT-S/B build took 108 s of a 15-minute build here."""
+    spent, done = 0, 0
+    while done < max(warmup, 1) and not (done >= 2 and spent / 1e9 > budget_s):
+        t0 = clock()
         run()
-    times = []
-    for _ in range(5):
+        spent += clock() - t0
+        done += 1
+    times: list[float] = []
+    while len(times) < 5 and not (len(times) >= 3 and sum(times) > budget_s):
         t0 = clock()
         run()
         times.append((clock() - t0) / 1e9)
-    return sorted(times)[2]
+    return statistics.median(times)
 
 
 def iterations_for(seconds_per_run: float, settings: RoundSettings) -> int:
@@ -118,6 +129,10 @@ RUNTIME_TOLERANCE = 0.10
 # engine whose runtimes sat 10 +- 3 % apart ran on ONNX Runtime in one run and OpenVINO in the next (its p50 moved
 # 19 %), which reorders the engines for nothing.
 STICKY_MARGIN = 0.05
+# A variant this many times slower than the fastest in the first screening pass is timed no further: the widest
+# margin a choice allows is RUNTIME_TOLERANCE + STICKY_MARGIN (15 %), and a 1.5x gap is far outside this VM's
+# +-15 % swings.
+SCREEN_DROP_ABOVE = 1.5
 
 
 def screen_variants(
@@ -129,6 +144,8 @@ def screen_variants(
     min_runs: int = 1,
     budget_s: float = 1.5,
     min_passes: int = 3,
+    drop_above: float = SCREEN_DROP_ABOVE,
+    warm: Sequence[Any] = (),
     seed: int = 0,
     clock: Callable[[], int] = time.perf_counter_ns,
 ) -> dict[Any, dict]:
@@ -141,7 +158,11 @@ def screen_variants(
     ``warmup`` untimed runs (later blocks: at most a third of the block, at least one), then a fixed number of timed
     runs per variant (at least ``min_runs``, filling about ``block_s`` at the speed its first block's last warm-up
     run showed), so passes weigh alike in the bootstrap interval. After the first pass, the number of passes shrinks
-    (not below ``min_passes``) so that they take about ``budget_s`` (a DeiT-B variant's block is a 0.2 s run).
+    (not below ``min_passes``) so that they take about ``budget_s`` (a DeiT-B variant's block is a 0.2 s run), and a
+    variant slower than ``drop_above`` times the fastest in that pass is timed no more: it cannot come within any
+    tolerance a choice uses, and on 2 cores a DeiT-S/B engine on one thread is ~1.8x slower, 40 % of the screening
+    time of a 36-engine build. Such a variant's figures are its first pass's (``rounds`` 1, ``dropped`` True).
+    ``warm``: variants that already ran since their load (a reference check): one warm-up run in their first block.
 
     Why it matters on small CPUs: a 0.5 ms demo stitch on 2 cores runs ~40 % faster on one thread than on two
     (waking the second thread costs more than it saves) and its median moves by up to 2x between processes with
@@ -154,14 +175,15 @@ def screen_variants(
     rng = random.Random(seed)
     samples: dict[Any, list[list[float]]] = {v: [] for v in labels}
     done = 0
+    timed = labels[:]  # the variants still timed
     while done < passes:
         started = clock()
-        order = labels[:]
+        order = timed[:]
         rng.shuffle(order)
         for v in order:
             run = variants[v]
             if v not in counts:  # first block: warm up, then size the block from the last warm-up run
-                for _ in range(max(warmup, 1)):
+                for _ in range(1 if v in warm else max(warmup, 1)):
                     t0 = clock()
                     run()
                 counts[v] = max(min_runs, math.ceil(block_s / max((clock() - t0) / 1e9, 1e-7)))
@@ -170,18 +192,22 @@ def screen_variants(
                     run()
             samples[v].append(time_runs(run, counts[v], clock))
         done += 1
-        if done == 1 and budget_s > 0:  # slow engines: fewer passes (not below min_passes) to stay near the budget
-            fitting = math.floor(budget_s / max((clock() - started) / 1e9, 1e-9))
-            passes = max(min(passes, min_passes), min(passes, fitting))
+        if done == 1:
+            first = {v: percentile(sorted(samples[v][0]), 50.0) for v in labels}
+            timed = [v for v in labels if first[v] <= drop_above * min(first.values())]
+            if budget_s > 0:  # slow engines: fewer passes (not below min_passes) to stay near the budget
+                fitting = math.floor(budget_s / max((clock() - started) / 1e9, 1e-9))
+                passes = max(min(passes, min_passes), min(passes, fitting))
     settings = RoundSettings(rounds=max(2, passes), warmup=warmup, seed=seed)
-    out = {v: summarize_rounds(samples[v], settings) for v in labels}
-    # Paired figure: each pass's block medians relative to that pass's geometric mean over the variants (the
-    # machine's speed in that pass cancels), the median over passes, scaled back to milliseconds.
+    out = {v: dict(summarize_rounds(samples[v], settings), dropped=v not in timed) for v in labels}
+    # Paired figure: each pass's block medians relative to that pass's geometric mean over the variants timed in
+    # every pass (the machine's speed in that pass cancels), the median over passes, scaled back to milliseconds;
+    # a dropped variant's relative to the first pass's mean of those.
     block = {v: [percentile(sorted(b), 50.0) for b in samples[v]] for v in labels}
-    pass_means = [math.exp(statistics.fmean(math.log(max(block[v][p], 1e-9)) for v in labels)) for p in range(passes)]
-    scale = math.exp(statistics.fmean(math.log(max(out[v]["p50_ms"], 1e-9)) for v in labels))
+    pass_means = [math.exp(statistics.fmean(math.log(max(block[v][p], 1e-9)) for v in timed)) for p in range(passes)]
+    scale = math.exp(statistics.fmean(math.log(max(out[v]["p50_ms"], 1e-9)) for v in timed))
     for v in labels:
-        out[v]["paired_ms"] = scale * statistics.median(block[v][p] / pass_means[p] for p in range(passes))
+        out[v]["paired_ms"] = scale * statistics.median(block[v][p] / pass_means[p] for p in range(len(block[v])))
     return out
 
 
@@ -211,11 +237,22 @@ def warmup_runs(timed_runs: int, settings: RoundSettings) -> int:
 
 
 def plan_rounds(runs: Mapping[str, Callable[[], Any]], settings: RoundSettings,
-                clock: Callable[[], int] = time.perf_counter_ns) -> tuple[dict[str, int], int]:
+                clock: Callable[[], int] = time.perf_counter_ns,
+                estimates: Optional[Mapping[str, float]] = None) -> tuple[dict[str, int], int]:
     """Timed runs per round for each engine (calibrated) and the number of rounds: ``settings.rounds``, or fewer
     (not below ``min_rounds``) where their estimated time would exceed ``budget_s`` (a DeiT-B run takes 0.2 s
-    here, a demo engine's 0.3 ms: one setting cannot suit both without a budget)."""
-    per = {i: calibrate(runs[i], settings.warmup, clock) for i in runs}
+    here, a demo engine's 0.3 ms: one setting cannot suit both without a budget).
+
+    ``estimates``: seconds per run already measured (bench's screening) for engines that need no calibration;
+    each of those runs once here, since a runner's first run after its load pays one-time setup."""
+    estimates = estimates or {}
+    per = {}
+    for i in runs:
+        if i in estimates:
+            runs[i]()
+            per[i] = float(estimates[i])
+        else:
+            per[i] = calibrate(runs[i], settings.warmup, clock)
     counts = {i: iterations_for(per[i], settings) for i in runs}
     rounds = settings.rounds
     if settings.budget_s > 0:

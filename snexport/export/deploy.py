@@ -112,7 +112,8 @@ def export_stage(build, stitches: str | None = "pareto", *, opset: int = 18, sim
         from snexport.export.pack import pack_stitches
 
         with progress_task("packing shared weights", len(arts), show_progress) as advance:
-            pack_stitches(build.root, arts, progress=advance)
+            # export_stitches hashed every file against its record just now (written, or checked up to date).
+            pack_stitches(build.root, arts, progress=advance, verified=True)
     if profile is None:
         from snexport.device.profiles import load_profile
 

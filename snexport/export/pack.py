@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from snexport.device.pack import (DEFAULT_ALIGN, DEFAULT_MIN_BYTES, PACK_DIR, _WEIGHTS_PREFIX, _compare,
-                                  _pack_stage)
+                                  _pack_stage, exported_outputs)
 from snexport.errors import ExportValidationError
 from snexport.records import Artifact
 
@@ -27,6 +27,7 @@ def pack_stitches(
     seed: int = 0,
     progress: Optional[Callable[..., None]] = None,
     pack_dir: str = PACK_DIR,
+    verified: bool = False,
 ) -> list[Artifact]:
     """Pack already exported and validated ONNX artifacts into ``<build>/<pack_dir>``; return packed artifacts.
 
@@ -40,6 +41,7 @@ def pack_stitches(
     Resuming: when ``pack.json`` records the same sources (by sha256) and settings and every file still has its
     recorded hash, the stored artifacts are returned without work. ``progress(1, description=...)`` is called
     once per artifact. Raises ExportValidationError if a packed file disagrees with its standalone file.
+    ``verified``: the caller hashed the standalone files against these records in this run (``export_stage``).
     """
     settings = {"kind": "portable", "align": int(align), "min_bytes": int(min_bytes), "validate": bool(validate),
                 "num_inputs": int(num_inputs), "seed": int(seed)}
@@ -55,7 +57,11 @@ def pack_stitches(
             onnx.checker.check_model(str(tmp))
         except onnx.checker.ValidationError as exc:
             raise ExportValidationError(tmp.name, [f"onnx.checker: {str(exc).splitlines()[0]}"]) from None
-        return _compare(Path(build_dir) / art.file, tmp, weights, num_inputs, seed) if validate else None
+        if not validate:
+            return None
+        return _compare(Path(build_dir) / art.file, tmp, weights, num_inputs, seed,
+                        expected=exported_outputs(build_dir, art, num_inputs))
 
     return _pack_stage(build_dir, artifacts, pack_dir, settings, sources, check,
-                       weights_prefix=_WEIGHTS_PREFIX, align=align, min_bytes=min_bytes, progress=progress)
+                       weights_prefix=_WEIGHTS_PREFIX, align=align, min_bytes=min_bytes, progress=progress,
+                       verified=verified)

@@ -372,6 +372,9 @@ def _export_fp32(build_dir, stitch, module, input_shape, inputs, inputs_info, re
     del model
     with clock("write_and_hash"):
         sha = writer.finish()
+        # This file's own ONNX Runtime outputs on the shipped inputs: what its packed copies must reproduce, so the
+        # packs check against them instead of loading the file again (device/pack.py).
+        shipped = dict(shipped, **write_onnx_logits(build_dir, stitch.id, "fp32", logits))
         figures.update(
             fallback_reason=info["fallback_reason"],
             tensorrt_compat={k: compat[k] for k in ("ok", "target", "unsupported", "warnings")},
@@ -552,6 +555,20 @@ def write_reference(build_dir: Path, stitch_id: str, inputs, logits) -> dict:
                     np.save(fh, array, allow_pickle=False)
         out[key], out[f"{key}_sha256"] = rel, sha256_file(path)
     return out
+
+
+def write_onnx_logits(build_dir: Path, stitch_id: str, precision: str, logits) -> dict:
+    """Ship an exported file's ONNX Runtime logits on the reference inputs (next to ``write_reference``'s files):
+    ``{"onnx_logits": path, "onnx_logits_sha256": ...}`` for the artifact's ``reference``."""
+    import numpy as np
+
+    rel = f"{files.REFERENCE_DIR}/{safe_file_stem(stitch_id)}.{precision}.onnx-logits.npy"
+    path = build_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
+    return {"onnx_logits": rel, "onnx_logits_sha256": sha256_file(path)}
 
 
 def _strip(figures: dict) -> dict:
