@@ -6,11 +6,11 @@ device's lines replaced, others kept) and into manifest.json; the Pareto set is 
 latency and memory, since FLOPs order is not latency order.
 
 Several runtimes and thread counts per engine (issues 10, 13): on a CPU profile every installed CPU backend of the
-table is measured (``backends``; `--backends ort,openvino`). A backend the export did not validate with (OpenVINO)
-is first gated on the FP32 reference logits the host shipped. Then each engine's variants (each runtime, with one
-thread and with every core unless the profile pins threads) are timed against each other in alternation
-(``screen_engines``), and the engine runs on the fastest, preferring fewer threads within 5 % and the profile's
-own runtime within 10 %. Only that variant is timed in the interleaved rounds: its manifest entry names that
+table is measured (``backends``; `--backends ort,openvino`). Each engine's variants (each runtime, with one thread
+and with every core unless the profile pins threads) are loaded one at a time, each load measured (cold load,
+memory); a backend the export did not validate with (OpenVINO) is gated on the FP32 reference logits the host
+shipped; then the variants are timed against each other in alternation (``screen_engines``), and the engine runs
+on the fastest, preferring fewer threads within 5 % and the profile's own runtime within 10 %. Only that variant is timed in the interleaved rounds: its manifest entry names that
 backend's file and carries its numbers, runner settings and thread count, and the other runtimes' screening figures
 (``by_backend``); the front is taken over engines on their chosen variants. One point per engine, not per (engine,
 backend): the selector's unit is the engine, and a front holding one stitch on two runtimes would make a preloading
@@ -88,6 +88,10 @@ def previous_front(previous: dict[str, dict]) -> dict[str, bool]:
 
 # Seconds of warm-switch measurement per engine once 3 switches are timed (profiling.measure_switch).
 SWITCH_BUDGET_S = 1.0
+# Untimed runs after the first under the peak-RSS sampler (profiling.load_measured): the peak is reached by then
+# (DeiT-B grew on ONNX Runtime's first two runs and OpenVINO's first, then not at all over four more), and 0.5 s of
+# them per variant was 22 s of a 36-engine DeiT-S/B bench.
+MEMORY_RUNS = 2
 
 
 def front_method(rebench: bool) -> dict:
@@ -112,12 +116,13 @@ class Screening:
     refused: dict
     checks: dict
     measured: dict
+    kept: dict  # run key -> its chosen variant's runner, still loaded (``keep``); the caller closes them
 
 
 def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, preference: Sequence[str],
                    show_progress: bool = True, previous: Optional[dict] = None,
                    check: Optional[Callable] = None, sizes: Optional[dict] = None,
-                   measure: Optional[Callable] = None) -> Screening:
+                   measure: Optional[Callable] = None, keep: bool = False) -> Screening:
     """How each engine runs: per runtime its thread count, then the runtime (``rounds.screen_variants``, paired).
 
     ``keyed``: run key -> (engine, backend, file); ``make_factory(key, threads)`` -> runner factory;
@@ -145,6 +150,9 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
     load and memory, one variant at a time, before any timing); its runs warm the variant up for the screening.
     Loading alone and loading beside the engine's other variants gave the same RSS growth within 1.4 MB (DeiT-S/B
     on ONNX Runtime and OpenVINO), so no variant is loaded again for a memory pass of its own.
+
+    ``keep``: each engine's chosen variant stays loaded (``Screening.kept``) for the rounds, which keep every
+    engine resident anyway; loading and first-running 36 DeiT-S/B engines again took 22 s.
     """
     import numpy as np
 
@@ -168,6 +176,7 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
     outgrown: set[tuple] = set()  # (backend, precision) whose fewest threads lost clearly on a smaller engine
     threads_checked: dict[str, Any] = {}  # run key -> the thread count its check ran on (that runner is warm)
     measured: dict[tuple, dict] = {}
+    kept: dict[str, Any] = {}
     if todo:
         label = "choosing runtime and threads" if any(
             sum(max(1, len(candidates[k])) for k in per_engine[e]) > 1 for e in todo) else "checking"
@@ -218,6 +227,11 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
                                             threads, screened, preference, previous)
                         outgrown |= {(keyed[k][1], keyed[k][2].precision) for k in per_engine[e]
                                      if len(candidates[k]) > 1 and figures.get((k, candidates[k][0]), {}).get("dropped")}
+                    if keep and runners:
+                        backend = chosen.get(e) or next(keyed[k][1] for k, _ in runners)
+                        key = next(k for k in per_engine[e] if keyed[k][1] == backend)
+                        if (key, threads[key]) in runners:
+                            kept[key] = runners.pop((key, threads[key]))
                 finally:
                     for r in runners.values():
                         r.close()
@@ -226,7 +240,7 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
         ok = [k for k in ks if k not in refused]
         if ok and e not in chosen:
             chosen[e] = keyed[ok[0]][1]
-    return Screening(threads, chosen, screened, refused, checks, measured)
+    return Screening(threads, chosen, screened, refused, checks, measured, kept)
 
 
 def _choose(engine: str, ks: list, keyed: dict, figures: dict, threads: dict, screened: dict,
@@ -293,7 +307,8 @@ def measurement_for_manifest(stats: dict, switch: Optional[dict]) -> dict:
         "throughput_ips": round(float(lat["throughput_per_s"]), 3),
         "memory": {
             "rss_load_delta_mb": round((mem.get("rss_load_delta_bytes") or 0) / 1e6, 3),
-            "rss_peak_mb": round((mem.get("rss_peak_during_runs_bytes") or 0) / 1e6, 3),
+            "rss_peak_mb": round(max(0, (mem.get("rss_peak_during_runs_bytes") or 0)
+                                     - (mem.get("rss_before_load_bytes") or 0)) / 1e6, 3),
             "file_mb": round((stats.get("file_size_bytes") or 0) / 1e6, 3),
             "device_delta_mb": None if cuda is None else round(cuda / 1e6, 3),
         },
@@ -418,19 +433,13 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     profile, else the profile's own).
     """
     from snexport.device import deployset
-    from snexport.device.manifest import (assemble_manifest, engine_entry, engine_ids, engine_memory_mb,
-                                          merge_measurements)
-    from snexport.device.manifest import device_key as make_device_key
-    from snexport.device.manifest import read_manifest, write_manifest
     from snexport.device.energy import open_energy_sensor
-    from snexport.device.pareto import noise_aware_front
-    from snexport.device.profiling import (device_fingerprint, load_measured, measure_switch, measurement_record,
-                                           memory_record, profile_engine)
-    from snexport.device.rounds import plan_rounds, run_rounds
+    from snexport.device.manifest import device_key as make_device_key
+    from snexport.device.manifest import engine_ids
+    from snexport.device.profiling import device_fingerprint, load_measured
     from snexport.device.runtime.backends import BACKENDS
     from snexport.device.tensorrt_build import engines_stage
     from snexport.errors import SnexportError
-    from snexport.progress import progress_task
 
     backends = bench_backends(profile, backends)
     if "torch" in backends and module_factory is None:
@@ -490,7 +499,33 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
         keyed, make_factory, candidates, backends, show_progress, previous=previous_choices(previous),
         check=ReferenceCheck(build, keyed),
         sizes={e: facts_for(facts, next(iter(per.values()))).get("gflops") for e, per in engines.items()},
-        measure=lambda factory: load_measured(factory, profile, time_latency=False))
+        measure=lambda factory: load_measured(factory, profile, time_latency=False, memory_runs=MEMORY_RUNS),
+        keep=True)
+    runners: dict[str, Any] = dict(found.kept)  # chosen variants the screening left loaded, for the rounds
+    try:
+        return _measure_and_write(build, profile, backends, facts, engines, keyed, found, runners, sensor, rounds,
+                                  fingerprint, key, was_on_front, make_factory, switch_repeats, quick, many,
+                                  show_progress)
+    finally:
+        for r in runners.values():
+            r.close()
+        sensor.close()
+
+
+def _measure_and_write(build, profile, backends, facts, engines, keyed, found, runners, sensor, rounds, fingerprint,
+                       key, was_on_front, make_factory, switch_repeats, quick, many, show_progress) -> dict:
+    """``bench_stage`` after the screening: memory of what it did not load, the interleaved rounds, warm switches,
+    the front, profile.jsonl and the manifest. ``runners`` (run key -> loaded runner) gains every runner it loads;
+    the caller closes them."""
+    import numpy as np
+
+    from snexport.device.manifest import assemble_manifest, engine_entry, engine_memory_mb, merge_measurements
+    from snexport.device.manifest import read_manifest, write_manifest
+    from snexport.device.pareto import noise_aware_front
+    from snexport.device.profiling import measure_switch, measurement_record, memory_record, profile_engine
+    from snexport.device.rounds import plan_rounds, run_rounds
+    from snexport.progress import progress_task
+
     threads, chosen, screened, refused, checks = (found.threads, found.chosen, found.screened, found.refused,
                                                   found.checks)
     refusals = {keyed[k][:2]: why for k, why in refused.items()}  # (engine, backend) -> why
@@ -511,7 +546,7 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
     with progress_task(f"cold load and memory of {len(rest)} engines", len(rest), show_progress and bool(rest)) \
             as advance:
         for k in rest:
-            stats[k] = profile_engine(factories[k], profile, time_latency=False)
+            stats[k] = profile_engine(factories[k], profile, time_latency=False, memory_runs=MEMORY_RUNS)
             advance()
     for k, (_, _, a) in keyed.items():
         stats[k]["file_size_bytes"] = a.size_bytes
@@ -520,55 +555,48 @@ def bench_stage(build, profile, show_progress: bool = True, switch_repeats: int 
         if k in screened:
             stats[k]["screen"] = {"p50_ms": screened[k]["p50_ms"], "p50_ci_ms": screened[k]["p50_ci_ms"],
                                   "paired_ms": screened[k]["paired_ms"], "by_threads": screened[k]["by_threads"]}
-    runners: dict[str, Any] = {}
     switches: dict[str, dict] = {}
-    try:
-        # 3. Latency in interleaved rounds of the chosen way to run each engine, every engine resident (as a
-        # preloading selector keeps them). A runtime not chosen keeps its screening figures (by_backend).
-        import numpy as np
-
-        for k in picked.values():
+    # 3. Latency in interleaved rounds of the chosen way to run each engine, every engine resident (as a
+    # preloading selector keeps them). A runtime not chosen keeps its screening figures (by_backend).
+    for k in picked.values():
+        if k not in runners:
             runners[k] = factories[k]()
             runners[k].load()
-        inputs = {k: np.random.default_rng(0).standard_normal(tuple(keyed[k][2].input_shape)).astype(np.float32)
-                  for k in runners}
-        runs = {k: (lambda r=r, x=inputs[k]: r.run(x)) for k, r in runners.items()}
-        counter = sensor if sensor.available and not sensor.samples_during_window else None
-        # Screened engines are sized from their screening figures: calibrating 36 DeiT-S/B engines again took 70 s.
-        counts, n_rounds = plan_rounds(runs, rounds, estimates={k: screened[k]["p50_ms"] / 1e3 for k in runs
-                                                                if k in screened})
-        with progress_task(f"timing {len(runs)} engines in {n_rounds} interleaved rounds ({profile.name})",
-                           n_rounds * len(runs), show_progress) as advance:
-            timing = run_rounds(runs, rounds, counts=counts, rounds=n_rounds, energy=counter, progress=advance)
-        energy = {k: t.pop("energy") for k, t in timing.items() if "energy" in t}
-        if sensor.available and sensor.samples_during_window:
-            energy = energy_rounds(runs, sensor, rounds, show_progress)
-        for k in stats:
-            if k in timing:
-                stats[k]["latency"] = dict(timing[k], source="interleaved rounds")
-                stats[k]["energy"] = energy.get(k) or {"energy_mj_per_inference": None, "mean_power_w": None,
-                                                       "reason": sensor.reason or "no energy reading"}
-            else:
-                figures = {n: v for n, v in screened[k].items() if n not in ("by_threads", "paired_ms")}
-                stats[k]["latency"] = dict(figures, source="screening (runtime not chosen)")
-                stats[k]["energy"] = {"energy_mj_per_inference": None, "mean_power_w": None,
-                                      "reason": "runtime not chosen for this engine: only screened, not in the rounds"}
-        # 4. Warm switches with the chosen engines resident, in latency order: previous engine -> this one.
-        order = sorted(engines, key=lambda e: stats[picked[e]]["latency"]["p50_ms"])
-        with progress_task("measuring warm switches", len(order), show_progress) as advance:
-            for i, e in enumerate(order):
-                prev = runners[picked[order[i - 1]]] if i else runners[picked[order[-1]]]
-                if prev is not runners[picked[e]]:
-                    lat = stats[picked[e]]["latency"]
-                    switches[e] = measure_switch(prev, runners[picked[e]], inputs[picked[e]], repeats=switch_repeats,
-                                                 budget_s=SWITCH_BUDGET_S, primed=True,
-                                                 steady={"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
-                                                         "source": "interleaved rounds"})
-                advance()
-    finally:
-        for r in runners.values():
-            r.close()
-        sensor.close()
+    inputs = {k: np.random.default_rng(0).standard_normal(tuple(keyed[k][2].input_shape)).astype(np.float32)
+              for k in runners}
+    runs = {k: (lambda r=r, x=inputs[k]: r.run(x)) for k, r in runners.items()}
+    counter = sensor if sensor.available and not sensor.samples_during_window else None
+    # Screened engines are sized from their screening figures: calibrating 36 DeiT-S/B engines again took 70 s.
+    counts, n_rounds = plan_rounds(runs, rounds, estimates={k: screened[k]["p50_ms"] / 1e3 for k in runs
+                                                            if k in screened})
+    with progress_task(f"timing {len(runs)} engines in {n_rounds} interleaved rounds ({profile.name})",
+                       n_rounds * len(runs), show_progress) as advance:
+        timing = run_rounds(runs, rounds, counts=counts, rounds=n_rounds, energy=counter, progress=advance)
+    energy = {k: t.pop("energy") for k, t in timing.items() if "energy" in t}
+    if sensor.available and sensor.samples_during_window:
+        energy = energy_rounds(runs, sensor, rounds, show_progress)
+    for k in stats:
+        if k in timing:
+            stats[k]["latency"] = dict(timing[k], source="interleaved rounds")
+            stats[k]["energy"] = energy.get(k) or {"energy_mj_per_inference": None, "mean_power_w": None,
+                                                   "reason": sensor.reason or "no energy reading"}
+        else:
+            figures = {n: v for n, v in screened[k].items() if n not in ("by_threads", "paired_ms")}
+            stats[k]["latency"] = dict(figures, source="screening (runtime not chosen)")
+            stats[k]["energy"] = {"energy_mj_per_inference": None, "mean_power_w": None,
+                                  "reason": "runtime not chosen for this engine: only screened, not in the rounds"}
+    # 4. Warm switches with the chosen engines resident, in latency order: previous engine -> this one.
+    order = sorted(engines, key=lambda e: stats[picked[e]]["latency"]["p50_ms"])
+    with progress_task("measuring warm switches", len(order), show_progress) as advance:
+        for i, e in enumerate(order):
+            prev = runners[picked[order[i - 1]]] if i else runners[picked[order[-1]]]
+            if prev is not runners[picked[e]]:
+                lat = stats[picked[e]]["latency"]
+                switches[e] = measure_switch(prev, runners[picked[e]], inputs[picked[e]], repeats=switch_repeats,
+                                             budget_s=SWITCH_BUDGET_S, primed=True,
+                                             steady={"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                                                     "source": "interleaved rounds"})
+            advance()
     runner_settings = {}
     for k, (_, b, _) in keyed.items():
         runner_settings.setdefault(b, stats[k].get("runner_settings"))
