@@ -10,8 +10,9 @@ table is measured (``backends``; `--backends ort,openvino`). Each engine's varia
 and with every core unless the profile pins threads) are loaded one at a time, each load measured (cold load,
 memory); a backend the export did not validate with (OpenVINO) is gated on the FP32 reference logits the host
 shipped; then the variants are timed against each other in alternation (``screen_engines``), and the engine runs
-on the fastest, preferring fewer threads within 5 % and the profile's own runtime within 10 %. Only that variant is timed in the interleaved rounds: its manifest entry names that
-backend's file and carries its numbers, runner settings and thread count, and the other runtimes' screening figures
+on the fastest, preferring fewer threads within 5 % and the profile's own runtime within 10 %. Only that variant
+(left loaded by the screening) is timed in the interleaved rounds: its manifest entry names that backend's file
+and carries its numbers, runner settings and thread count, and the other runtimes' screening figures
 (``by_backend``); the front is taken over engines on their chosen variants. One point per engine, not per (engine,
 backend): the selector's unit is the engine, and a front holding one stitch on two runtimes would make a preloading
 selector keep it twice for no accuracy gained.
@@ -127,12 +128,12 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
 
     ``keyed``: run key -> (engine, backend, file); ``make_factory(key, threads)`` -> runner factory;
     ``candidates``: run key -> thread counts to try ([] for a runtime that takes none). Per engine, every
-    (runtime, threads) variant is loaded side by side and timed in alternation, then closed. Per runtime the
-    fewest threads within ``SCREEN_TOLERANCE`` of its fastest win; of the runtimes, the first of ``preference``
-    within ``RUNTIME_TOLERANCE`` of the fastest. An engine with a single variant is not timed here.
+    (runtime, threads) variant is loaded side by side and timed in alternation, then closed (but see ``keep``).
+    Per runtime the fewest threads within ``SCREEN_TOLERANCE`` of its fastest win; of the runtimes, the first of
+    ``preference`` within ``RUNTIME_TOLERANCE`` of the fastest. An engine with a single variant is not timed here.
 
     ``check(key, runner)`` -> (figures, why refused or None), for the run keys whose runtime the export did not
-    validate with (``check_runner``): it runs on the first loaded variant of that key, before any timing, and a
+    validate with (``ReferenceCheck``): it runs on the first loaded variant of that key, before any timing, and a
     refused key is neither timed nor chosen. Checking here, on runners the screening loads anyway, spares a load
     of its own per engine (an OpenVINO compile) and its runs warm the runner up.
 
@@ -157,90 +158,99 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
     import numpy as np
 
     from snexport.device.rounds import screen_variants
-    from snexport.errors import SnexportError
     from snexport.progress import progress_task
 
     per_engine: dict[str, list[str]] = {}
     for k, (e, _, _) in keyed.items():
         per_engine.setdefault(e, []).append(k)
-    threads = {k: (candidates[k][0] if candidates[k] else None) for k in keyed}
-    screened: dict[str, dict] = {}
-    refused: dict[str, str] = {}
-    checks: dict[str, dict] = {}
+    found = Screening(threads={k: (candidates[k][0] if candidates[k] else None) for k in keyed}, chosen={},
+                      screened={}, refused={}, checks={}, measured={}, kept={})
     to_check = {k for k in keyed if check is not None and check.needed(k)}
-    chosen: dict[str, str] = {}
     todo = [e for e, ks in per_engine.items()
             if sum(max(1, len(candidates[k])) for k in ks) > 1 or any(k in to_check for k in ks)]
     todo.sort(key=lambda e: (sizes or {}).get(e) or 0.0)
     candidates = dict(candidates)
     outgrown: set[tuple] = set()  # (backend, precision) whose fewest threads lost clearly on a smaller engine
-    threads_checked: dict[str, Any] = {}  # run key -> the thread count its check ran on (that runner is warm)
-    measured: dict[tuple, dict] = {}
-    kept: dict[str, Any] = {}
     if todo:
         label = "choosing runtime and threads" if any(
             sum(max(1, len(candidates[k])) for k in per_engine[e]) > 1 for e in todo) else "checking"
         with progress_task(f"{label} for {len(todo)} engines", len(todo), show_progress) as advance:
             for e in todo:
+                for k in per_engine[e]:
+                    if (keyed[k][1], keyed[k][2].precision) in outgrown and len(candidates[k]) > 1:
+                        candidates[k] = candidates[k][1:]
+                        found.threads[k] = candidates[k][0]
+                if sum(max(1, len(candidates[k])) for k in per_engine[e]) == 1 and not set(per_engine[e]) & to_check:
+                    advance()
+                    continue  # one way left to run it: nothing to choose or check
                 runners: dict[tuple, Any] = {}
                 try:
-                    for k in per_engine[e]:
-                        if (keyed[k][1], keyed[k][2].precision) in outgrown and len(candidates[k]) > 1:
-                            candidates[k] = candidates[k][1:]
-                            threads[k] = candidates[k][0]
-                    if sum(max(1, len(candidates[k])) for k in per_engine[e]) == 1 and not (
-                            set(per_engine[e]) & to_check):
-                        continue  # one way left to run it: nothing to choose or check
-                    for k in per_engine[e]:
-                        for t in (candidates[k] or [None])[::-1]:  # every core first: the check runs on it
-                            try:
-                                if measure is not None:
-                                    runner, measured[(k, t)] = measure(make_factory(k, t))
-                                else:
-                                    runner = make_factory(k, t)()
-                                    try:
-                                        runner.load()
-                                    except BaseException:
-                                        runner.close()
-                                        raise
-                            except SnexportError as exc:  # a file this runtime refuses, an op it lacks
-                                if k not in to_check:
-                                    raise
-                                refused[k] = check.refusal(k, exc)
-                                break
-                            runners[(k, t)] = runner
-                            if k in to_check and k not in checks:
-                                checks[k], why = check(k, runner)
-                                threads_checked[k] = t
-                                if why:
-                                    refused[k] = why
-                                    break
-                    for v in [v for v in runners if v[0] in refused]:
-                        runners.pop(v).close()
+                    warm = _load_variants(per_engine[e], keyed, candidates, make_factory, measure, check, to_check,
+                                          runners, found)
                     if len(runners) > 1:
                         x = np.random.default_rng(0).standard_normal(
                             tuple(keyed[per_engine[e][0]][2].input_shape)).astype(np.float32)
-                        figures = screen_variants({v: (lambda r=r: r.run(x)) for v, r in runners.items()},
-                                                  warm=[v for v in runners if v in measured
-                                                        or v in threads_checked.items()])
-                        chosen[e] = _choose(e, [k for k in per_engine[e] if k not in refused], keyed, figures,
-                                            threads, screened, preference, previous)
-                        outgrown |= {(keyed[k][1], keyed[k][2].precision) for k in per_engine[e]
-                                     if len(candidates[k]) > 1 and figures.get((k, candidates[k][0]), {}).get("dropped")}
+                        figures = screen_variants({v: (lambda r=r: r.run(x)) for v, r in runners.items()}, warm=warm)
+                        found.chosen[e] = _choose(e, [k for k in per_engine[e] if k not in found.refused], keyed,
+                                                  figures, found.threads, found.screened, preference, previous)
+                        fewest = {k: figures.get((k, candidates[k][0]), {}) for k in per_engine[e]
+                                  if len(candidates[k]) > 1}
+                        outgrown |= {(keyed[k][1], keyed[k][2].precision) for k, f in fewest.items()
+                                     if f.get("dropped")}
                     if keep and runners:
-                        backend = chosen.get(e) or next(keyed[k][1] for k, _ in runners)
+                        backend = found.chosen.get(e) or next(keyed[k][1] for k, _ in runners)
                         key = next(k for k in per_engine[e] if keyed[k][1] == backend)
-                        if (key, threads[key]) in runners:
-                            kept[key] = runners.pop((key, threads[key]))
+                        if (key, found.threads[key]) in runners:
+                            found.kept[key] = runners.pop((key, found.threads[key]))
                 finally:
                     for r in runners.values():
                         r.close()
-                    advance()
+                advance()
     for e, ks in per_engine.items():  # engines not timed here: their one (unrefused) runtime
-        ok = [k for k in ks if k not in refused]
-        if ok and e not in chosen:
-            chosen[e] = keyed[ok[0]][1]
-    return Screening(threads, chosen, screened, refused, checks, measured, kept)
+        ok = [k for k in ks if k not in found.refused]
+        if ok and e not in found.chosen:
+            found.chosen[e] = keyed[ok[0]][1]
+    return found
+
+
+def _load_variants(keys: list, keyed: dict, candidates: dict, make_factory: Callable, measure: Optional[Callable],
+                   check, to_check: set, runners: dict, found: Screening) -> list:
+    """Load every (key, threads) variant of one engine into ``runners``, most threads first, measuring each load
+    (``measure``) and checking each key in ``to_check`` on its first runner. A key whose runtime refuses the file or
+    fails the check goes into ``found.refused`` and its runners are closed. Returns the variants that have run since
+    their load (measured or checked): the screening's first block warms those up with one run."""
+    from snexport.errors import SnexportError
+
+    warm = []
+    for k in keys:
+        for t in (candidates[k] or [None])[::-1]:  # every core first: the check runs on it
+            try:
+                if measure is not None:
+                    runner, found.measured[(k, t)] = measure(make_factory(k, t))
+                else:
+                    runner = make_factory(k, t)()
+                    try:
+                        runner.load()
+                    except BaseException:
+                        runner.close()
+                        raise
+            except SnexportError as exc:  # a file this runtime refuses, an op it lacks
+                if k not in to_check:
+                    raise
+                found.refused[k] = check.refusal(k, exc)
+                break
+            runners[(k, t)] = runner
+            if measure is not None:
+                warm.append((k, t))
+            if k in to_check and k not in found.checks:
+                found.checks[k], why = check(k, runner)
+                warm.append((k, t))
+                if why:
+                    found.refused[k] = why
+                    break
+    for v in [v for v in runners if v[0] in found.refused]:
+        runners.pop(v).close()
+    return [v for v in warm if v in runners]
 
 
 def _choose(engine: str, ks: list, keyed: dict, figures: dict, threads: dict, screened: dict,
@@ -342,8 +352,9 @@ def choice_method(profile, backends: Sequence[str], screened: dict) -> dict:
         out["threads"] = f"{profile.threads} for every engine (the profile pins it)"
     if screened:
         out["choice"] = (f"per engine, its variants ({', '.join(backends)}; one thread and every core unless the "
-                         "profile pins threads) timed in alternation before the rounds: up to 10 passes of ~15 ms blocks (3 for slow engines), "
-                         "each variant figured by its block medians relative to their pass's mean; per runtime "
+                         "profile pins threads) timed in alternation before the rounds: up to 10 passes of ~15 ms "
+                         "blocks (3 for slow engines), each variant figured by its block medians relative to their "
+                         "pass's mean; per runtime "
                          f"the fewest threads within {SCREEN_TOLERANCE:.0%} of its fastest, then the first runtime in "
                          f"the order {', '.join(backends)} within {RUNTIME_TOLERANCE:.0%} of the fastest. Only the "
                          "chosen variant is timed in the rounds; by_backend holds the others' screening figures. "
