@@ -166,21 +166,23 @@ def screen_engines(keyed: dict, make_factory: Callable, candidates: dict, prefer
     found = Screening(threads={k: (candidates[k][0] if candidates[k] else None) for k in keyed}, chosen={},
                       screened={}, refused={}, checks={}, measured={}, kept={})
     to_check = {k for k in keyed if check is not None and check.needed(k)}
-    todo = [e for e, ks in per_engine.items()
-            if sum(max(1, len(candidates[k])) for k in ks) > 1 or any(k in to_check for k in ks)]
+    candidates = dict(candidates)  # a bigger engine's runtime may lose its fewest threads (outgrown, below)
+
+    def ways_to_run(e: str) -> int:  # engine e's (runtime, threads) variants still to try
+        return sum(max(1, len(candidates[k])) for k in per_engine[e])
+
+    todo = [e for e in per_engine if ways_to_run(e) > 1 or to_check & set(per_engine[e])]
     todo.sort(key=lambda e: (sizes or {}).get(e) or 0.0)
-    candidates = dict(candidates)
     outgrown: set[tuple] = set()  # (backend, precision) whose fewest threads lost clearly on a smaller engine
     if todo:
-        label = "choosing runtime and threads" if any(
-            sum(max(1, len(candidates[k])) for k in per_engine[e]) > 1 for e in todo) else "checking"
+        label = "choosing runtime and threads" if any(ways_to_run(e) > 1 for e in todo) else "checking"
         with progress_task(f"{label} for {len(todo)} engines", len(todo), show_progress) as advance:
             for e in todo:
                 for k in per_engine[e]:
                     if (keyed[k][1], keyed[k][2].precision) in outgrown and len(candidates[k]) > 1:
                         candidates[k] = candidates[k][1:]
                         found.threads[k] = candidates[k][0]
-                if sum(max(1, len(candidates[k])) for k in per_engine[e]) == 1 and not set(per_engine[e]) & to_check:
+                if ways_to_run(e) == 1 and not to_check & set(per_engine[e]):
                     advance()
                     continue  # one way left to run it: nothing to choose or check
                 runners: dict[tuple, Any] = {}

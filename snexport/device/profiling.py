@@ -591,7 +591,7 @@ def profile_engine(
     """
     cfg = resolve_settings(settings)
     path = None if callable(target) else Path(target)
-    record: dict = {"schema": SCHEMA_VERSION, "settings": cfg, "file": None, "file_size_bytes": None}
+    record = memory_record({}, cfg)
     if path is not None:
         from snexport.device.runtime import backend_for_path, open_runner
 
@@ -605,19 +605,16 @@ def profile_engine(
 
     else:
         factory = target
-    runner = None
-    try:
-        runner, measured = load_measured(factory, cfg, x=x, time_latency=time_latency, memory_runs=memory_runs,
-                                         memory_budget_s=memory_budget_s)
-        record.update(measured)
-    finally:
-        if runner is not None:
-            runner.close()
+    runner, measured = load_measured(factory, cfg, x=x, time_latency=time_latency, memory_runs=memory_runs,
+                                     memory_budget_s=memory_budget_s)  # closes the runner itself on an error
+    runner.close()
+    record.update(measured)
     return record
 
 
 def memory_record(measured: Mapping[str, Any], settings: Any = None) -> dict:
-    """The record ``profile_engine`` returns for a runner factory, from ``load_measured``'s fields."""
+    """The record ``profile_engine`` returns for a runner factory, from ``load_measured``'s fields (with none, the
+    record's head, which ``profile_engine`` fills in)."""
     return {"schema": SCHEMA_VERSION, "settings": resolve_settings(settings), "file": None, "file_size_bytes": None,
             **measured}
 

@@ -538,8 +538,6 @@ def _write_file(final: Path, data: bytes) -> None:
 def write_reference(build_dir: Path, stitch_id: str, inputs, logits) -> dict:
     """Ship the validation inputs (one file per input set, shared by every stitch) and this stitch's FP32 PyTorch
     logits, so a device validates the engines it builds without torch (snexport.device.tensorrt_build)."""
-    import numpy as np
-
     ref_dir = build_dir / files.REFERENCE_DIR
     ref_dir.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -548,11 +546,8 @@ def write_reference(build_dir: Path, stitch_id: str, inputs, logits) -> dict:
         ("logits", f"{files.REFERENCE_DIR}/{safe_file_stem(stitch_id)}.logits.npy", logits),
     ):
         path = build_dir / rel
-        array = np.ascontiguousarray(array, dtype=np.float32)
         if not (key == "inputs" and path.is_file()):  # the shared inputs file is content-named: written once
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, array, allow_pickle=False)
+            _save_float32(path, array)
         out[key], out[f"{key}_sha256"] = rel, sha256_file(path)
     return out
 
@@ -560,15 +555,20 @@ def write_reference(build_dir: Path, stitch_id: str, inputs, logits) -> dict:
 def write_onnx_logits(build_dir: Path, stitch_id: str, precision: str, logits) -> dict:
     """Ship an exported file's ONNX Runtime logits on the reference inputs (next to ``write_reference``'s files):
     ``{"onnx_logits": path, "onnx_logits_sha256": ...}`` for the artifact's ``reference``."""
-    import numpy as np
-
     rel = f"{files.REFERENCE_DIR}/{safe_file_stem(stitch_id)}.{precision}.onnx-logits.npy"
     path = build_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    _save_float32(path, logits)
+    return {"onnx_logits": rel, "onnx_logits_sha256": sha256_file(path)}
+
+
+def _save_float32(path: Path, array) -> None:
+    """Write ``array`` as a float32 .npy file atomically (a reader never sees half a file)."""
+    import numpy as np
+
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
-    return {"onnx_logits": rel, "onnx_logits_sha256": sha256_file(path)}
+            np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
 
 def _strip(figures: dict) -> dict:
